@@ -1,0 +1,1 @@
+//! The built-in benchmark (`troupe bench`). (being written)

@@ -1,0 +1,67 @@
+//! The crate's error type: one variant per boundary, each converted with `From`.
+
+use crate::agent::AgentError;
+use crate::config::ConfigError;
+use crate::model::ModelError;
+use crate::store::file::FileError;
+use crate::store::StoreError;
+
+/// Anything the runtime can fail with. Messages name the thing and the value.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A model call.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// An agent definition.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// A session file.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// No session has this id.
+    #[error("session '{0}' not found")]
+    SessionNotFound(String),
+    /// A session id that cannot be used.
+    #[error("invalid session id {id:?}: {reason}")]
+    InvalidSessionId {
+        /// The id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// A request that makes no sense for the session (e.g. an empty message).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The session's actor could not serve the request (it stopped or failed to load).
+    #[error("session '{id}' is unavailable: {reason}")]
+    SessionUnavailable {
+        /// The session.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// The runtime is shut down or could not start.
+    #[error("runtime: {0}")]
+    Runtime(String),
+}
+
+impl Error {
+    /// Whether this is a "not found" of some record (for exit codes and HTTP 404).
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Error::SessionNotFound(_)
+                | Error::Store(StoreError::NotFound { .. })
+                | Error::Agent(AgentError::Unknown { .. })
+        )
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,751 @@
+//! The session actor: one per live session, owner of its state.
+//!
+//! Every handler that reads or changes the session is atomic
+//! ([`AtomicResponse`]): the actor takes no other message until it ends, so
+//! turns on one session run strictly one after another and a read never sees
+//! half a turn. A change is applied to the actor's state only after the store
+//! acknowledged it; a failed turn (model error, store error) leaves the state
+//! exactly as it was.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use chrono::Utc;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::context::build_request;
+use super::{ChatReply, NewMessage, SessionMetadata, StateChange, StreamEvent};
+use crate::agent::{Generate, GenerateStream};
+use crate::error::{Error, Result};
+use crate::model::ChatResponse;
+use crate::runtime::{AgentBinding, Core};
+use crate::store::file::SessionDocument;
+use crate::store::{
+    new_segment_id, Commit, LoadedSession, Message, MessageId, Role, Segment, SessionRecord,
+    StoreError,
+};
+
+/// The plain state a session actor owns; snapshots are of this, never of the actor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SessionState {
+    /// The durable record.
+    pub record: SessionRecord,
+    /// The last messages of the history (at most `2 × memory.window`).
+    pub recent: VecDeque<Message>,
+    /// Whether the next message may extend the head's segment.
+    pub can_append: bool,
+}
+
+enum Phase {
+    Loading,
+    Absent,
+    Live(SessionState),
+    Failed(String),
+}
+
+/// The actor. Built by the registry.
+pub struct SessionActor {
+    id: Arc<str>,
+    core: Arc<Core>,
+    arbiter: usize,
+    phase: Phase,
+    last_active: Instant,
+    agents: Vec<Arc<AgentBinding>>,
+}
+
+impl SessionActor {
+    pub(crate) fn new(id: Arc<str>, core: Arc<Core>, arbiter: usize) -> Self {
+        SessionActor {
+            id,
+            core,
+            arbiter,
+            phase: Phase::Loading,
+            last_active: Instant::now(),
+            agents: Vec::new(),
+        }
+    }
+
+    fn recent_cap(&self) -> usize {
+        self.core.config.memory.window.saturating_mul(2)
+    }
+
+    fn live(&self) -> Result<&SessionState> {
+        match &self.phase {
+            Phase::Live(s) => Ok(s),
+            Phase::Absent => Err(Error::SessionNotFound(self.id.to_string())),
+            Phase::Failed(reason) => Err(Error::SessionUnavailable {
+                id: self.id.to_string(),
+                reason: reason.clone(),
+            }),
+            Phase::Loading => Err(Error::SessionUnavailable {
+                id: self.id.to_string(),
+                reason: "still loading".into(),
+            }),
+        }
+    }
+
+    fn live_mut(&mut self) -> Option<&mut SessionState> {
+        match &mut self.phase {
+            Phase::Live(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn set_loaded(&mut self, loaded: LoadedSession) {
+        let mut recent: VecDeque<Message> = loaded.recent.into();
+        let cap = self.recent_cap();
+        while recent.len() > cap {
+            recent.pop_front();
+        }
+        self.phase = Phase::Live(SessionState {
+            record: loaded.record,
+            recent,
+            can_append: loaded.can_append,
+        });
+    }
+
+    /// The binding of `name` (or the session's default agent).
+    fn agent(&mut self, name: Option<&str>) -> Result<Arc<AgentBinding>> {
+        let state = self.live()?;
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => state
+                .record
+                .agents
+                .first()
+                .cloned()
+                .unwrap_or_else(|| self.core.config.agents.default.clone()),
+        };
+        if let Some(b) = self.agents.iter().find(|b| b.spec.name == name) {
+            return Ok(b.clone());
+        }
+        let b = self.core.binding_by_name(&name)?;
+        self.agents.push(b.clone());
+        Ok(b)
+    }
+
+    /// Stops the actor after taking it out of the registry (only if the
+    /// registry still points at this actor).
+    fn passivate(&mut self, ctx: &mut Context<Self>) {
+        let me = ctx.address();
+        self.core
+            .registry
+            .remove_if(&*self.id, |_, addr| *addr == me);
+        ctx.stop();
+    }
+
+    /// After a conflict or a failed load the in-memory state cannot be
+    /// trusted: leave, and let the next request activate a fresh actor.
+    fn invalidate(&mut self, ctx: &mut Context<Self>) {
+        tracing::warn!(session = %self.id, "session state is stale; reloading on next use");
+        self.passivate(ctx);
+    }
+
+    /// Plans the messages of one turn: ids, parents, and the segment they go in.
+    fn plan(&self, state: &SessionState, count: u32) -> (Option<Segment>, Vec<MessageId>) {
+        let head = state.record.head;
+        let (segment, start, new_segment) = match head {
+            Some(h) if state.can_append => (h.segment, h.seq + 1, None),
+            _ => {
+                let id = new_segment_id();
+                let seg = Segment {
+                    id,
+                    session_id: state.record.id.clone(),
+                    parent: head,
+                    created_at: Utc::now(),
+                };
+                (id, 0, Some(seg))
+            }
+        };
+        let ids = (0..count)
+            .map(|i| MessageId {
+                segment,
+                seq: start + i,
+            })
+            .collect();
+        (new_segment, ids)
+    }
+
+    fn apply_messages(&mut self, record: SessionRecord, msgs: Vec<Message>) {
+        let cap = self.recent_cap();
+        if let Some(state) = self.live_mut() {
+            // Invariant: `recent` is the tail of the path ending at the head,
+            // and these messages continue from the head.
+            state.recent.extend(msgs);
+            while state.recent.len() > cap {
+                state.recent.pop_front();
+            }
+            state.record = record;
+            state.can_append = true;
+        }
+    }
+}
+
+impl Actor for SessionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let store = self.core.store.clone();
+        let id = self.id.clone();
+        let recent = self.recent_cap();
+        ctx.wait(
+            async move { store.load_session(&id, recent).await }
+                .into_actor(self)
+                .map(|res, act, ctx| match res {
+                    Ok(Some(loaded)) => act.set_loaded(loaded),
+                    Ok(None) => act.phase = Phase::Absent,
+                    Err(e) => {
+                        tracing::error!(session = %act.id, error = %e, "session failed to load");
+                        act.phase = Phase::Failed(e.to_string());
+                        // Answer what is queued with the error, then leave.
+                        act.passivate(ctx);
+                    }
+                }),
+        );
+        let idle = self.core.idle;
+        let every = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
+        ctx.run_interval(every, move |act, ctx| {
+            if act.last_active.elapsed() >= idle {
+                tracing::debug!(session = %act.id, "passivating idle session");
+                act.passivate(ctx);
+            }
+        });
+    }
+}
+
+type Reply<T> = AtomicResponse<SessionActor, Result<T>>;
+
+fn done<T: 'static>(r: Result<T>) -> Reply<T> {
+    AtomicResponse::new(Box::pin(fut::ready(r)))
+}
+
+/// Commits `commit`; on success runs `apply` on the actor, on a conflict
+/// invalidates the actor. Used by every handler that writes.
+fn commit_then<T: 'static>(
+    act: &SessionActor,
+    commit: Commit,
+    apply: impl FnOnce(&mut SessionActor) -> T + 'static,
+) -> Reply<T> {
+    let store = act.core.store.clone();
+    AtomicResponse::new(Box::pin(
+        async move { store.commit(commit).await }
+            .into_actor(act)
+            .map(move |res, act, ctx| match res {
+                Ok(()) => Ok(apply(act)),
+                Err(e) => {
+                    if matches!(e, StoreError::Conflict { .. }) {
+                        act.invalidate(ctx);
+                    }
+                    Err(e.into())
+                }
+            }),
+    ))
+}
+
+// ---- messages ----
+
+/// Create the session if absent; set its user and agents if given.
+#[derive(Message)]
+#[rtype(result = "Result<SessionMetadata>")]
+pub(crate) struct Open {
+    pub create: bool,
+    pub user_id: Option<String>,
+    pub agents: Vec<Arc<AgentBinding>>,
+}
+
+impl Handler<Open> for SessionActor {
+    type Result = Reply<SessionMetadata>;
+
+    fn handle(&mut self, msg: Open, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        for b in &msg.agents {
+            self.agents.retain(|x| x.spec.name != b.spec.name);
+            self.agents.push(b.clone());
+        }
+        let names: Vec<String> = msg.agents.iter().map(|b| b.spec.name.clone()).collect();
+        let (next, expected) = match &self.phase {
+            Phase::Absent if msg.create => {
+                let agents = if names.is_empty() {
+                    vec![self.core.config.agents.default.clone()]
+                } else {
+                    names
+                };
+                let mut r = SessionRecord::new(&*self.id, msg.user_id.clone(), agents);
+                r.state_version = 1;
+                (r, None)
+            }
+            Phase::Live(state) => {
+                let r = &state.record;
+                let user_changes = msg.user_id.is_some() && msg.user_id != r.user_id;
+                let agents_change = !names.is_empty() && names != r.agents;
+                if !user_changes && !agents_change {
+                    return done(Ok(SessionMetadata::from(r)));
+                }
+                let mut next = r.clone();
+                if user_changes {
+                    next.user_id = msg.user_id.clone();
+                }
+                if agents_change {
+                    next.agents = names;
+                }
+                next.updated_at = Utc::now();
+                next.state_version += 1;
+                (next, Some(r.state_version))
+            }
+            _ => return done(self.live().map(|s| SessionMetadata::from(&s.record))),
+        };
+        let meta = SessionMetadata::from(&next);
+        let commit = Commit {
+            record: next.clone(),
+            expected_version: expected,
+            small_state_changed: true,
+            new_segment: None,
+            messages: Vec::new(),
+            checkpoints: Vec::new(),
+        };
+        commit_then(self, commit, move |act| {
+            match &mut act.phase {
+                Phase::Live(s) => s.record = next,
+                _ => {
+                    act.phase = Phase::Live(SessionState {
+                        record: next,
+                        recent: VecDeque::new(),
+                        can_append: false,
+                    })
+                }
+            }
+            meta
+        })
+    }
+}
+
+/// One chat turn.
+#[derive(Message)]
+#[rtype(result = "Result<ChatReply>")]
+pub(crate) struct Chat {
+    pub message: String,
+    pub agent: Option<String>,
+}
+
+/// What a turn needs from the actor before the model call.
+struct TurnPlan {
+    binding: Arc<AgentBinding>,
+    request: crate::model::ChatRequest,
+    user: Message,
+    reply_id: MessageId,
+    new_segment: Option<Segment>,
+    record: SessionRecord,
+}
+
+impl SessionActor {
+    fn plan_turn(&mut self, message: String, agent: Option<&str>) -> Result<TurnPlan> {
+        if message.trim().is_empty() {
+            return Err(Error::InvalidRequest("the message is empty".into()));
+        }
+        let binding = self.agent(agent)?;
+        let window = self.core.config.memory.window;
+        let state = self.live()?;
+        let request = build_request(
+            &binding.spec,
+            &state.record,
+            &state.recent,
+            window,
+            &message,
+            binding.temperature,
+            binding.max_tokens,
+        );
+        let (new_segment, ids) = self.plan(state, 2);
+        let user = Message {
+            id: ids[0],
+            parent: state.record.head,
+            role: Role::User,
+            agent: Some(binding.spec.name.clone()),
+            content: message,
+            created_at: Utc::now(),
+            meta: None,
+        };
+        Ok(TurnPlan {
+            binding,
+            request,
+            user,
+            reply_id: ids[1],
+            new_segment,
+            record: state.record.clone(),
+        })
+    }
+}
+
+impl TurnPlan {
+    /// The commit of a finished turn and the reply message.
+    fn finish(self, resp: ChatResponse) -> (Commit, Message) {
+        let mut meta = self.binding.model.reply_meta();
+        if let (Some(u), Some(obj)) = (resp.usage, meta.as_object_mut()) {
+            obj.insert("usage".into(), serde_json::json!(u));
+        }
+        let now = Utc::now();
+        let reply = Message {
+            id: self.reply_id,
+            parent: Some(self.user.id),
+            role: Role::Assistant,
+            agent: Some(self.binding.spec.name.clone()),
+            content: resp.content,
+            created_at: now.max(self.user.created_at),
+            meta: Some(meta),
+        };
+        let mut record = self.record;
+        let expected = record.state_version;
+        record.head = Some(reply.id);
+        record.interactions += 1;
+        record.updated_at = reply.created_at;
+        record.state_version += 1;
+        let commit = Commit {
+            record,
+            expected_version: Some(expected),
+            small_state_changed: false,
+            new_segment: self.new_segment,
+            messages: vec![self.user, reply.clone()],
+            checkpoints: Vec::new(),
+        };
+        (commit, reply)
+    }
+}
+
+fn finish_turn(act: &mut SessionActor, commit: Commit) -> ChatReply {
+    let reply = &commit.messages[1];
+    let out = ChatReply {
+        session_id: commit.record.id.clone(),
+        message_id: reply.id,
+        reply: reply.content.clone(),
+        agent: reply.agent.clone().unwrap_or_default(),
+        meta: reply.meta.clone(),
+    };
+    act.last_active = Instant::now();
+    act.apply_messages(commit.record, commit.messages);
+    out
+}
+
+impl Handler<Chat> for SessionActor {
+    type Result = Reply<ChatReply>;
+
+    fn handle(&mut self, msg: Chat, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let plan = match self.plan_turn(msg.message, msg.agent.as_deref()) {
+            Ok(p) => p,
+            Err(e) => return done(Err(e)),
+        };
+        let addr = plan.binding.addr(self.arbiter);
+        let store = self.core.store.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let resp = addr
+                    .send(Generate(plan.request.clone()))
+                    .await
+                    .map_err(|e| crate::model::ModelError::Failed(e.to_string()))??;
+                let (commit, _) = plan.finish(resp);
+                store.commit(commit.clone()).await?;
+                Ok::<_, Error>(commit)
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| match res {
+                Ok(commit) => Ok(finish_turn(act, commit)),
+                Err(e) => {
+                    if matches!(e, Error::Store(StoreError::Conflict { .. })) {
+                        act.invalidate(ctx);
+                    }
+                    Err(e)
+                }
+            }),
+        ))
+    }
+}
+
+/// One chat turn whose reply is streamed into `tx`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ChatStream {
+    pub message: String,
+    pub agent: Option<String>,
+    pub tx: mpsc::UnboundedSender<Result<StreamEvent>>,
+}
+
+impl Handler<ChatStream> for SessionActor {
+    type Result = AtomicResponse<SessionActor, ()>;
+
+    fn handle(&mut self, msg: ChatStream, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let tx = msg.tx;
+        let plan = match self.plan_turn(msg.message, msg.agent.as_deref()) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return AtomicResponse::new(Box::pin(fut::ready(())));
+            }
+        };
+        let addr = plan.binding.addr(self.arbiter);
+        let store = self.core.store.clone();
+        let tx2 = tx.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let mut stream = addr
+                    .send(GenerateStream(plan.request.clone()))
+                    .await
+                    .map_err(|e| crate::model::ModelError::Failed(e.to_string()))??;
+                let mut content = String::new();
+                while let Some(piece) = stream.next().await {
+                    let piece = piece?;
+                    content.push_str(&piece);
+                    // A caller that stopped listening does not stop the turn.
+                    let _ = tx.send(Ok(StreamEvent::Delta(piece)));
+                }
+                let model = plan.binding.model.name().to_string();
+                let (commit, _) = plan.finish(ChatResponse {
+                    content,
+                    model,
+                    usage: None,
+                });
+                store.commit(commit.clone()).await?;
+                Ok::<_, Error>(commit)
+            }
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                let event = match res {
+                    Ok(commit) => Ok(StreamEvent::Done(finish_turn(act, commit))),
+                    Err(e) => {
+                        if matches!(e, Error::Store(StoreError::Conflict { .. })) {
+                            act.invalidate(ctx);
+                        }
+                        Err(e)
+                    }
+                };
+                let _ = tx2.send(event);
+            }),
+        ))
+    }
+}
+
+/// The history from the root to the head (the last `limit` messages).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Message>>")]
+pub(crate) struct History {
+    pub limit: Option<usize>,
+}
+
+impl Handler<History> for SessionActor {
+    type Result = Reply<Vec<Message>>;
+
+    fn handle(&mut self, msg: History, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let state = match self.live() {
+            Ok(s) => s,
+            Err(e) => return done(Err(e)),
+        };
+        let Some(head) = state.record.head else {
+            return done(Ok(Vec::new()));
+        };
+        // The tail we hold answers small reads without the store.
+        if let Some(limit) = msg.limit {
+            if limit <= state.recent.len() {
+                let skip = state.recent.len() - limit;
+                return done(Ok(state.recent.iter().skip(skip).cloned().collect()));
+            }
+        }
+        let store = self.core.store.clone();
+        AtomicResponse::new(Box::pin(
+            async move { store.history(head, msg.limit).await.map_err(Error::from) }.into_actor(self),
+        ))
+    }
+}
+
+/// The session's metadata.
+#[derive(Message)]
+#[rtype(result = "Result<SessionMetadata>")]
+pub(crate) struct Info;
+
+impl Handler<Info> for SessionActor {
+    type Result = Result<SessionMetadata>;
+
+    fn handle(&mut self, _: Info, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        self.live().map(|s| SessionMetadata::from(&s.record))
+    }
+}
+
+/// The session's whole record (profile, preferences, user data, …).
+#[derive(Message)]
+#[rtype(result = "Result<SessionRecord>")]
+pub(crate) struct Record;
+
+impl Handler<Record> for SessionActor {
+    type Result = Result<SessionRecord>;
+
+    fn handle(&mut self, _: Record, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        self.live().map(|s| s.record.clone())
+    }
+}
+
+/// Change profile, preferences, user data or metadata.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub(crate) struct Update(pub StateChange);
+
+impl Handler<Update> for SessionActor {
+    type Result = Reply<()>;
+
+    fn handle(&mut self, msg: Update, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let state = match self.live() {
+            Ok(s) => s,
+            Err(e) => return done(Err(e)),
+        };
+        let mut next = state.record.clone();
+        msg.0.apply(&mut next);
+        next.updated_at = Utc::now();
+        next.state_version += 1;
+        let commit = Commit {
+            record: next.clone(),
+            expected_version: Some(state.record.state_version),
+            small_state_changed: true,
+            new_segment: None,
+            messages: Vec::new(),
+            checkpoints: Vec::new(),
+        };
+        commit_then(self, commit, move |act| {
+            if let Some(s) = act.live_mut() {
+                s.record = next;
+            }
+        })
+    }
+}
+
+/// Replace the history with `messages` (a new branch from the root; the old
+/// messages stay in the store, reachable from their checkpoints).
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub(crate) struct SetHistory {
+    pub messages: Vec<NewMessage>,
+    /// Also replace the small state (used when loading a session file).
+    pub record: Option<SessionRecord>,
+}
+
+impl Handler<SetHistory> for SessionActor {
+    type Result = Reply<()>;
+
+    fn handle(&mut self, msg: SetHistory, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let state = match self.live() {
+            Ok(s) => s,
+            Err(e) => return done(Err(e)),
+        };
+        let mut next = match msg.record {
+            Some(mut r) => {
+                r.id = state.record.id.clone();
+                r.created_at = state.record.created_at;
+                r
+            }
+            None => state.record.clone(),
+        };
+        let expected = state.record.state_version;
+        next.state_version = expected + 1;
+        next.updated_at = Utc::now();
+        let now = Utc::now();
+        let (new_segment, messages) = if msg.messages.is_empty() {
+            (None, Vec::new())
+        } else {
+            let seg = Segment {
+                id: new_segment_id(),
+                session_id: next.id.clone(),
+                parent: None,
+                created_at: now,
+            };
+            let mut parent = None;
+            let msgs: Vec<Message> = msg
+                .messages
+                .into_iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let id = MessageId {
+                        segment: seg.id,
+                        seq: i as u32,
+                    };
+                    let out = Message {
+                        id,
+                        parent,
+                        role: m.role,
+                        agent: m.agent,
+                        content: m.content,
+                        created_at: m.created_at.unwrap_or(now),
+                        meta: m.meta,
+                    };
+                    parent = Some(id);
+                    out
+                })
+                .collect();
+            (Some(seg), msgs)
+        };
+        next.head = messages.last().map(|m| m.id);
+        let commit = Commit {
+            record: next.clone(),
+            expected_version: Some(expected),
+            small_state_changed: true,
+            new_segment,
+            messages: messages.clone(),
+            checkpoints: Vec::new(),
+        };
+        let cap = self.recent_cap();
+        commit_then(self, commit, move |act| {
+            if let Some(s) = act.live_mut() {
+                let skip = messages.len().saturating_sub(cap);
+                s.recent = messages.into_iter().skip(skip).collect();
+                s.can_append = next.head.is_some();
+                s.record = next;
+            }
+        })
+    }
+}
+
+/// The session as a document (record + full history), for session files.
+#[derive(Message)]
+#[rtype(result = "Result<SessionDocument>")]
+pub(crate) struct Export;
+
+impl Handler<Export> for SessionActor {
+    type Result = Reply<SessionDocument>;
+
+    fn handle(&mut self, _: Export, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let state = match self.live() {
+            Ok(s) => s,
+            Err(e) => return done(Err(e)),
+        };
+        let record = state.record.clone();
+        let store = self.core.store.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let history = match record.head {
+                    Some(h) => store.history(h, None).await?,
+                    None => Vec::new(),
+                };
+                Ok(SessionDocument { record, history })
+            }
+            .into_actor(self),
+        ))
+    }
+}
+
+/// Leave memory now (the state is already durable).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Passivate;
+
+impl Handler<Passivate> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Passivate, ctx: &mut Context<Self>) {
+        self.passivate(ctx);
+    }
+}

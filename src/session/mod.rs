@@ -1,0 +1,588 @@
+//! Sessions: the [`Session`] handle, its builder, and the actor behind it.
+//!
+//! A session is a conversation that remembers: its history, the user's
+//! profile and preferences, application data. Each live session is one
+//! [`SessionActor`](actor::SessionActor); the [`Session`] handle is a cheap,
+//! `Send + Sync + Clone` name for it that works from any tokio program. If the
+//! actor was passivated (idle), the next call activates it again from the
+//! store, transparently.
+//!
+//! ```no_run
+//! # async fn demo() -> troupe::Result<()> {
+//! let rt = troupe::Runtime::builder().memory_store().build().await?;
+//! let session = rt.session("user_123").open().await?;
+//! let reply = session.chat("My name is Alice").await?;
+//! println!("{}", reply.reply);
+//! # Ok(()) }
+//! ```
+
+pub(crate) mod actor;
+mod context;
+pub(crate) mod registry;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+
+pub use actor::SessionState;
+
+use crate::agent::Agent;
+use crate::error::{Error, Result};
+use crate::runtime::Runtime;
+use crate::store::file::{self, SessionDocument};
+use crate::store::{JsonMap, Message, MessageId, Role, SessionRecord};
+
+/// The longest session id accepted.
+pub const MAX_SESSION_ID_LEN: usize = 128;
+
+/// Checks that a session id is safe everywhere it goes: in file names, URLs
+/// and store keys. Letters, digits, `-`, `_`, `.`, `@`, `:`; not starting
+/// with `.`; at most [`MAX_SESSION_ID_LEN`] bytes.
+pub fn validate_session_id(id: &str) -> Result<()> {
+    let bad = |reason: &str| {
+        Err(Error::InvalidSessionId {
+            id: id.chars().take(MAX_SESSION_ID_LEN + 8).collect(),
+            reason: reason.into(),
+        })
+    };
+    if id.is_empty() {
+        return bad("it is empty");
+    }
+    if id.len() > MAX_SESSION_ID_LEN {
+        return bad(&format!("it is longer than {MAX_SESSION_ID_LEN} bytes"));
+    }
+    if id.starts_with('.') {
+        return bad("it starts with '.'");
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | ':')))
+    {
+        return bad(&format!(
+            "it contains {c:?} (allowed: letters, digits, '-', '_', '.', '@', ':')"
+        ));
+    }
+    Ok(())
+}
+
+/// The answer to one chat turn.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatReply {
+    /// The session.
+    pub session_id: String,
+    /// The reply's message id.
+    pub message_id: MessageId,
+    /// The reply text.
+    pub reply: String,
+    /// The agent that answered.
+    pub agent: String,
+    /// Metadata of the reply (model, usage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<serde_json::Value>,
+}
+
+/// A piece of a streamed reply.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StreamEvent {
+    /// More reply text.
+    Delta(String),
+    /// The turn is done and durable.
+    Done(ChatReply),
+}
+
+/// A session's metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionMetadata {
+    /// The session id.
+    pub session_id: String,
+    /// Its user.
+    pub user_id: Option<String>,
+    /// Its agents, the default first.
+    pub agents: Vec<String>,
+    /// Created at.
+    pub created_at: DateTime<Utc>,
+    /// Last changed at.
+    pub updated_at: DateTime<Utc>,
+    /// Completed turns.
+    pub interactions: u64,
+    /// The head of the history.
+    pub head: Option<MessageId>,
+    /// Application metadata.
+    pub custom: JsonMap,
+}
+
+impl From<&SessionRecord> for SessionMetadata {
+    fn from(r: &SessionRecord) -> Self {
+        SessionMetadata {
+            session_id: r.id.clone(),
+            user_id: r.user_id.clone(),
+            agents: r.agents.clone(),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            interactions: r.interactions,
+            head: r.head,
+            custom: r.metadata.clone(),
+        }
+    }
+}
+
+/// A message to put into a history with [`Session::set_history`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewMessage {
+    /// Who wrote it.
+    pub role: Role,
+    /// The text.
+    pub content: String,
+    /// The agent, if any.
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// When (now, if unset).
+    #[serde(default)]
+    pub created_at: Option<DateTime<Utc>>,
+    /// Metadata.
+    #[serde(default)]
+    pub meta: Option<serde_json::Value>,
+}
+
+impl NewMessage {
+    /// A message of `role` saying `content`.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        NewMessage {
+            role,
+            content: content.into(),
+            agent: None,
+            created_at: None,
+            meta: None,
+        }
+    }
+}
+
+impl From<Message> for NewMessage {
+    fn from(m: Message) -> Self {
+        NewMessage {
+            role: m.role,
+            content: m.content,
+            agent: m.agent,
+            created_at: Some(m.created_at),
+            meta: m.meta,
+        }
+    }
+}
+
+/// A change to a session's small state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateChange {
+    /// Set a preference.
+    Preference(String, serde_json::Value),
+    /// Set a profile field.
+    Profile(String, serde_json::Value),
+    /// Set a user-data key.
+    UserData(String, serde_json::Value),
+    /// Set an application metadata key.
+    Metadata(String, serde_json::Value),
+    /// Remove a user-data key.
+    RemoveUserData(String),
+}
+
+impl StateChange {
+    fn apply(self, r: &mut SessionRecord) {
+        match self {
+            StateChange::Preference(k, v) => {
+                r.preferences.insert(k, v);
+            }
+            StateChange::Profile(k, v) => {
+                r.profile.insert(k, v);
+            }
+            StateChange::UserData(k, v) => {
+                r.user_data.insert(k, v);
+            }
+            StateChange::Metadata(k, v) => {
+                r.metadata.insert(k, v);
+            }
+            StateChange::RemoveUserData(k) => {
+                r.user_data.remove(&k);
+            }
+        }
+    }
+}
+
+/// Opens a session: `rt.session(id).agent(a).user(u).open()`.
+pub struct SessionBuilder {
+    rt: Runtime,
+    id: Option<String>,
+    user_id: Option<String>,
+    agents: Vec<Agent>,
+    agent_names: Vec<String>,
+    create: bool,
+}
+
+impl SessionBuilder {
+    pub(crate) fn new(rt: Runtime, id: Option<String>) -> Self {
+        SessionBuilder {
+            rt,
+            id,
+            user_id: None,
+            agents: Vec::new(),
+            agent_names: Vec::new(),
+            create: true,
+        }
+    }
+
+    /// The user this session belongs to.
+    pub fn user(mut self, user_id: impl Into<String>) -> Self {
+        self.user_id = Some(user_id.into());
+        self
+    }
+
+    /// Adds an agent (the first added is the default).
+    pub fn agent(mut self, agent: Agent) -> Self {
+        self.agents.push(agent);
+        self
+    }
+
+    /// Adds several agents.
+    pub fn agents(mut self, agents: impl IntoIterator<Item = Agent>) -> Self {
+        self.agents.extend(agents);
+        self
+    }
+
+    /// Adds an agent by name (from `agents/`).
+    pub fn agent_named(mut self, name: impl Into<String>) -> Self {
+        self.agent_names.push(name.into());
+        self
+    }
+
+    /// Open only an existing session: a missing one is [`Error::SessionNotFound`].
+    pub fn existing(mut self) -> Self {
+        self.create = false;
+        self
+    }
+
+    /// Opens (creating if needed) the session.
+    pub async fn open(self) -> Result<Session> {
+        let id = self.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        validate_session_id(&id)?;
+        let core = self.rt.core();
+        let mut bindings = Vec::new();
+        for a in &self.agents {
+            bindings.push(core.bind(a)?);
+        }
+        for n in &self.agent_names {
+            bindings.push(core.binding_by_name(n)?);
+        }
+        let session = Session {
+            rt: self.rt.clone(),
+            id: Arc::from(id.as_str()),
+        };
+        let create = self.create;
+        let user_id = self.user_id;
+        session
+            .call(move || actor::Open {
+                create,
+                user_id: user_id.clone(),
+                agents: bindings.clone(),
+            })
+            .await??;
+        Ok(session)
+    }
+
+    /// Opens the session, runs `body` with it, and closes it afterwards —
+    /// also when `body` fails. Every turn is durable when acknowledged, so
+    /// closing only releases the live actor.
+    pub async fn scope<F, Fut, T>(self, body: F) -> Result<T>
+    where
+        F: FnOnce(Session) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let session = self.open().await?;
+        let result = body(session.clone()).await;
+        let closed = session.close().await;
+        let value = result?;
+        closed?;
+        Ok(value)
+    }
+}
+
+/// A handle to a session. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct Session {
+    rt: Runtime,
+    id: Arc<str>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("id", &self.id).finish()
+    }
+}
+
+impl Session {
+    /// The session id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Sends a message to the session's actor, activating it if needed. If
+    /// the actor stopped before taking the message (it was passivated at
+    /// that moment), the message is sent once more to a fresh actor.
+    async fn call<M, F>(&self, make: F) -> Result<M::Result>
+    where
+        M: actix::Message + Send + 'static,
+        M::Result: Send,
+        actor::SessionActor: actix::Handler<M>,
+        F: Fn() -> M,
+    {
+        let core = self.rt.core();
+        for _ in 0..3 {
+            let addr = core.registry.activate(&self.id, &core)?;
+            match addr.send(make()).await {
+                Ok(r) => return Ok(r),
+                Err(actix::MailboxError::Closed) => {
+                    core.registry.forget(&self.id, &addr);
+                    continue;
+                }
+                Err(actix::MailboxError::Timeout) => {
+                    return Err(Error::SessionUnavailable {
+                        id: self.id.to_string(),
+                        reason: "timed out".into(),
+                    })
+                }
+            }
+        }
+        Err(Error::SessionUnavailable {
+            id: self.id.to_string(),
+            reason: "its actor kept stopping".into(),
+        })
+    }
+
+    /// One turn with the default agent: the reply is returned once the
+    /// turn (message and reply) is durable in the store.
+    pub async fn chat(&self, message: impl Into<String>) -> Result<ChatReply> {
+        let message = message.into();
+        self.call(|| actor::Chat {
+            message: message.clone(),
+            agent: None,
+        })
+        .await?
+    }
+
+    /// One turn with the named agent of this session.
+    pub async fn chat_with(&self, agent: &str, message: impl Into<String>) -> Result<ChatReply> {
+        let message = message.into();
+        self.call(|| actor::Chat {
+            message: message.clone(),
+            agent: Some(agent.to_string()),
+        })
+        .await?
+    }
+
+    /// One turn whose reply arrives piece by piece. The last event is
+    /// [`StreamEvent::Done`], sent once the turn is durable.
+    pub async fn chat_stream(
+        &self,
+        message: impl Into<String>,
+    ) -> Result<impl Stream<Item = Result<StreamEvent>> + Send + 'static> {
+        self.chat_stream_with(None, message).await
+    }
+
+    /// [`chat_stream`](Self::chat_stream) with a named agent.
+    pub async fn chat_stream_with(
+        &self,
+        agent: Option<&str>,
+        message: impl Into<String>,
+    ) -> Result<impl Stream<Item = Result<StreamEvent>> + Send + 'static> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let message = message.into();
+        let id = self.id.to_string();
+        let core = self.rt.core();
+        let addr = core.registry.activate(&self.id, &core)?;
+        addr.do_send(actor::ChatStream {
+            message,
+            agent: agent.map(str::to_string),
+            tx,
+        });
+        Ok(futures::stream::unfold(
+            (rx, false),
+            move |(mut rx, finished)| {
+                let id = id.clone();
+                async move {
+                    if finished {
+                        return None;
+                    }
+                    match rx.recv().await {
+                        Some(Ok(StreamEvent::Done(r))) => Some((Ok(StreamEvent::Done(r)), (rx, true))),
+                        Some(Err(e)) => Some((Err(e), (rx, true))),
+                        Some(ev) => Some((ev, (rx, false))),
+                        None => Some((
+                            Err(Error::SessionUnavailable {
+                                id,
+                                reason: "the session stopped before the turn ended".into(),
+                            }),
+                            (rx, true),
+                        )),
+                    }
+                }
+            },
+        ))
+    }
+
+    /// The whole history, root to head.
+    pub async fn history(&self) -> Result<Vec<Message>> {
+        self.call(|| actor::History { limit: None }).await?
+    }
+
+    /// The last `limit` messages of the history.
+    pub async fn recent(&self, limit: usize) -> Result<Vec<Message>> {
+        self.call(|| actor::History { limit: Some(limit) }).await?
+    }
+
+    /// Replaces the history. The old messages stay in the store (reachable
+    /// from checkpoints), so this loses nothing.
+    pub async fn set_history(&self, messages: Vec<NewMessage>) -> Result<()> {
+        self.call(|| actor::SetHistory {
+            messages: messages.clone(),
+            record: None,
+        })
+        .await?
+    }
+
+    /// The session's metadata (created, updated, interaction count, …).
+    pub async fn metadata(&self) -> Result<SessionMetadata> {
+        self.call(|| actor::Info).await?
+    }
+
+    /// The session's user.
+    pub async fn user_id(&self) -> Result<Option<String>> {
+        Ok(self.metadata().await?.user_id)
+    }
+
+    /// The whole durable record (profile, preferences, user data, metadata).
+    pub async fn record(&self) -> Result<SessionRecord> {
+        self.call(|| actor::Record).await?
+    }
+
+    /// The user's preferences.
+    pub async fn preferences(&self) -> Result<JsonMap> {
+        Ok(self.record().await?.preferences)
+    }
+
+    /// The user's profile.
+    pub async fn profile(&self) -> Result<JsonMap> {
+        Ok(self.record().await?.profile)
+    }
+
+    /// The application data.
+    pub async fn user_data(&self) -> Result<JsonMap> {
+        Ok(self.record().await?.user_data)
+    }
+
+    /// Applies one change to the small state, durably.
+    pub async fn update(&self, change: StateChange) -> Result<()> {
+        self.call(|| actor::Update(change.clone())).await?
+    }
+
+    /// Sets a preference (language, timezone, output format, …).
+    pub async fn update_preference(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<serde_json::Value>,
+    ) -> Result<()> {
+        self.update(StateChange::Preference(key.into(), value.into()))
+            .await
+    }
+
+    /// Sets a profile field.
+    pub async fn update_profile(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<serde_json::Value>,
+    ) -> Result<()> {
+        self.update(StateChange::Profile(key.into(), value.into()))
+            .await
+    }
+
+    /// Sets an application-data key.
+    pub async fn set_user_data(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<serde_json::Value>,
+    ) -> Result<()> {
+        self.update(StateChange::UserData(key.into(), value.into()))
+            .await
+    }
+
+    /// Sets an application metadata key.
+    pub async fn set_metadata(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<serde_json::Value>,
+    ) -> Result<()> {
+        self.update(StateChange::Metadata(key.into(), value.into()))
+            .await
+    }
+
+    /// Releases the live actor. The session stays in the store; the next
+    /// call on any handle activates it again.
+    pub async fn close(&self) -> Result<()> {
+        let core = self.rt.core();
+        if let Some(addr) = core.registry.get(&self.id) {
+            let _ = addr.send(actor::Passivate).await;
+            core.registry.forget(&self.id, &addr);
+        }
+        Ok(())
+    }
+
+    /// The session as a document: its record and its history.
+    pub async fn export(&self) -> Result<SessionDocument> {
+        self.call(|| actor::Export).await?
+    }
+
+    /// Writes the session to a file: JSON, or bincode for `.bin`; atomic,
+    /// with a format version and a checksum; the previous file is kept as
+    /// `PATH.bak`.
+    pub async fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let doc = self.export().await?;
+        let path = path.as_ref().to_path_buf();
+        tokio::task::spawn_blocking(move || file::write(&path, &doc))
+            .await
+            .map_err(|e| Error::Runtime(format!("file writer failed: {e}")))??;
+        Ok(())
+    }
+
+    /// Reads a session file into the runtime's store and opens it. The
+    /// session keeps the file's id; if it exists already, its history and
+    /// state are replaced (the old messages stay reachable in the store).
+    /// A damaged file changes nothing.
+    pub async fn load(rt: &Runtime, path: impl AsRef<Path>) -> Result<Session> {
+        let path = path.as_ref().to_path_buf();
+        let doc = tokio::task::spawn_blocking(move || file::read(&path))
+            .await
+            .map_err(|e| Error::Runtime(format!("file reader failed: {e}")))??;
+        rt.import(doc).await
+    }
+}
+
+impl Runtime {
+    /// Puts a session document into the store and opens the session.
+    pub async fn import(&self, doc: SessionDocument) -> Result<Session> {
+        validate_session_id(&doc.record.id)?;
+        let mut builder = self.session(doc.record.id.clone());
+        if let Some(u) = &doc.record.user_id {
+            builder = builder.user(u.clone());
+        }
+        let session = builder.open().await?;
+        let messages: Vec<NewMessage> = doc.history.into_iter().map(NewMessage::from).collect();
+        let record = doc.record;
+        session
+            .call(|| actor::SetHistory {
+                messages: messages.clone(),
+                record: Some(record.clone()),
+            })
+            .await??;
+        Ok(session)
+    }
+}

@@ -1,0 +1,226 @@
+//! The in-memory store: the reference model of the [`Store`] contract.
+//!
+//! Plain maps behind one mutex, written to be obviously right rather than
+//! fast; every other backend is checked against the behaviour of this one.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::{
+    check_version, CheckpointRecord, Commit, LoadedSession, Message, MessageId, SegmentId,
+    SessionFilter, SessionRecord, SessionSummary, Store, StoreError, Segment,
+};
+
+#[derive(Default)]
+struct Inner {
+    sessions: HashMap<String, SessionRecord>,
+    segments: HashMap<SegmentId, Segment>,
+    /// Messages by segment, indexed by seq.
+    messages: HashMap<SegmentId, Vec<Message>>,
+    checkpoints: Vec<CheckpointRecord>,
+}
+
+/// A store that keeps everything in process memory (nothing survives the process).
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-applied commit
+        // (commits validate before mutating), so a poisoned lock is usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    fn path(&self, head: MessageId, limit: Option<usize>) -> Result<Vec<Message>, StoreError> {
+        let mut out = Vec::new();
+        let mut cur = Some(head);
+        while let Some(id) = cur {
+            if limit.is_some_and(|l| out.len() >= l) {
+                break;
+            }
+            let msg = self
+                .messages
+                .get(&id.segment)
+                .and_then(|v| v.get(id.seq as usize))
+                .ok_or_else(|| StoreError::Corrupt(format!("message {id} is missing")))?;
+            out.push(msg.clone());
+            cur = msg.parent;
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn can_append(&self, record: &SessionRecord) -> bool {
+        match record.head {
+            None => false,
+            Some(head) => {
+                let owned = self
+                    .segments
+                    .get(&head.segment)
+                    .is_some_and(|s| s.session_id == record.id);
+                let len = self.messages.get(&head.segment).map_or(0, |v| v.len());
+                owned && head.seq as usize + 1 == len
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn load_session(
+        &self,
+        id: &str,
+        recent: usize,
+    ) -> Result<Option<LoadedSession>, StoreError> {
+        let inner = self.lock();
+        let Some(record) = inner.sessions.get(id).cloned() else {
+            return Ok(None);
+        };
+        let recent = match record.head {
+            Some(head) if recent > 0 => inner.path(head, Some(recent))?,
+            _ => Vec::new(),
+        };
+        let can_append = inner.can_append(&record);
+        Ok(Some(LoadedSession {
+            record,
+            recent,
+            can_append,
+        }))
+    }
+
+    async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        check_version(
+            &commit,
+            inner.sessions.get(&commit.record.id).map(|r| r.state_version),
+        )?;
+        // Validate every message lands at the end of a segment this session owns.
+        let mut next: HashMap<SegmentId, usize> = HashMap::new();
+        if let Some(seg) = &commit.new_segment {
+            if inner.segments.contains_key(&seg.id) {
+                return Err(StoreError::Database(format!("segment {:x} exists", seg.id)));
+            }
+            next.insert(seg.id, 0);
+        }
+        for m in &commit.messages {
+            let expected = match next.get(&m.id.segment) {
+                Some(n) => *n,
+                None => {
+                    let owned = inner
+                        .segments
+                        .get(&m.id.segment)
+                        .is_some_and(|s| s.session_id == commit.record.id);
+                    if !owned {
+                        return Err(StoreError::Database(format!(
+                            "message {} appends to a segment session '{}' does not own",
+                            m.id, commit.record.id
+                        )));
+                    }
+                    inner.messages.get(&m.id.segment).map_or(0, |v| v.len())
+                }
+            };
+            if m.id.seq as usize != expected {
+                return Err(StoreError::Database(format!(
+                    "message {} is not at the end of its segment (next seq is {expected})",
+                    m.id
+                )));
+            }
+            next.insert(m.id.segment, expected + 1);
+        }
+        if let Some(seg) = commit.new_segment {
+            inner.messages.insert(seg.id, Vec::new());
+            inner.segments.insert(seg.id, seg);
+        }
+        for m in commit.messages {
+            inner.messages.entry(m.id.segment).or_default().push(m);
+        }
+        inner.checkpoints.extend(commit.checkpoints);
+        inner
+            .sessions
+            .insert(commit.record.id.clone(), commit.record);
+        Ok(())
+    }
+
+    async fn history(
+        &self,
+        head: MessageId,
+        limit: Option<usize>,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.lock().path(head, limit)
+    }
+
+    async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+    ) -> Result<Vec<SessionSummary>, StoreError> {
+        let inner = self.lock();
+        let mut out: Vec<SessionSummary> = inner
+            .sessions
+            .values()
+            .filter(|r| filter.user_id.is_none() || r.user_id == filter.user_id)
+            .filter(|r| filter.updated_before.is_none_or(|t| r.updated_at < t))
+            .map(SessionSummary::from)
+            .collect();
+        out.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(a.id.cmp(&b.id)));
+        if let Some(l) = filter.limit {
+            out.truncate(l);
+        }
+        Ok(out)
+    }
+
+    async fn delete_session(&self, id: &str) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        if inner.sessions.remove(id).is_none() {
+            return Ok(false);
+        }
+        inner.checkpoints.retain(|c| c.session_id != id);
+        // Keep segments another session's segment branches from.
+        let referenced: HashSet<SegmentId> = inner
+            .segments
+            .values()
+            .filter(|s| s.session_id != id)
+            .filter_map(|s| s.parent.map(|p| p.segment))
+            .collect();
+        let doomed: Vec<SegmentId> = inner
+            .segments
+            .values()
+            .filter(|s| s.session_id == id && !referenced.contains(&s.id))
+            .map(|s| s.id)
+            .collect();
+        for seg in doomed {
+            inner.segments.remove(&seg);
+            inner.messages.remove(&seg);
+        }
+        Ok(true)
+    }
+
+    async fn list_checkpoints(
+        &self,
+        session_id: &str,
+    ) -> Result<Vec<CheckpointRecord>, StoreError> {
+        let inner = self.lock();
+        let mut out: Vec<CheckpointRecord> = inner
+            .checkpoints
+            .iter()
+            .filter(|c| c.session_id == session_id)
+            .cloned()
+            .collect();
+        out.sort_by_key(|c| c.created_at);
+        Ok(out)
+    }
+}

@@ -1,0 +1,199 @@
+//! Durable state: the [`Store`] trait, its backends, and session files.
+//!
+//! Every backend honours one behaviour contract, checked by one conformance
+//! suite (`tests/store_conformance.rs`):
+//!
+//! - [`Store::commit`] is atomic: the record, the new segment, the messages and
+//!   the checkpoints of one [`Commit`] are all durable or none is, and it is
+//!   refused with [`StoreError::Conflict`] unless the stored `state_version`
+//!   is the one the writer expected (no lost update, ever);
+//! - a commit that returned `Ok` survives a restart of the process (for
+//!   SQLite with `sync = "full"`, also a power loss);
+//! - history is the path from the root of the message tree to the head.
+//!
+//! Backends: [`MemoryStore`] (the reference model, for tests and ephemeral
+//! sessions) and [`SqliteStore`] (the embedded default).
+
+mod memory;
+mod sqlite;
+mod types;
+
+pub mod file;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+pub use memory::MemoryStore;
+pub use sqlite::{SqliteStore, SyncMode};
+pub use types::*;
+
+use crate::config::{Config, StoreBackend};
+
+/// What can go wrong in a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer changed the session since this writer read it.
+    #[error("session '{session}' was changed by another writer (expected version {expected:?}, found {found:?})")]
+    Conflict {
+        /// The session.
+        session: String,
+        /// The version the writer expected.
+        expected: Option<u64>,
+        /// The version in the store.
+        found: Option<u64>,
+    },
+    /// A record the operation needs is not there.
+    #[error("{what} '{id}' not found in the store")]
+    NotFound {
+        /// What kind of record.
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The database refused or failed.
+    #[error("store database error: {0}")]
+    Database(String),
+    /// Stored data could not be decoded (a damaged or foreign database).
+    #[error("store data is damaged: {0}")]
+    Corrupt(String),
+    /// The database file could not be opened or migrated.
+    #[error("cannot open store at '{path}': {reason}")]
+    Open {
+        /// The path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The store is shut down or its worker died.
+    #[error("the store is closed")]
+    Closed,
+    /// An injected fault (test doubles).
+    #[error("injected store fault: {0}")]
+    Injected(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}
+
+/// The storage contract every backend meets. See the module docs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The backend's name, for logs (`"sqlite"`, `"memory"`).
+    fn name(&self) -> &'static str;
+
+    /// Loads a session with the last `recent` messages of its history.
+    async fn load_session(
+        &self,
+        id: &str,
+        recent: usize,
+    ) -> Result<Option<LoadedSession>, StoreError>;
+
+    /// Applies one atomic write (see [`Commit`]).
+    async fn commit(&self, commit: Commit) -> Result<(), StoreError>;
+
+    /// The last `limit` messages (all if `None`) of the path from the root to
+    /// `head`, oldest first.
+    async fn history(
+        &self,
+        head: MessageId,
+        limit: Option<usize>,
+    ) -> Result<Vec<Message>, StoreError>;
+
+    /// Sessions matching `filter`, most recently updated first.
+    async fn list_sessions(&self, filter: &SessionFilter)
+        -> Result<Vec<SessionSummary>, StoreError>;
+
+    /// Deletes a session, its checkpoints and the messages no other session
+    /// can reach. Returns whether it existed.
+    async fn delete_session(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// The checkpoints of a session, oldest first.
+    async fn list_checkpoints(&self, session_id: &str)
+        -> Result<Vec<CheckpointRecord>, StoreError>;
+
+    /// Makes everything acknowledged so far durable (a no-op for stores that
+    /// acknowledge only durable writes, which all of ours do).
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<T: Store + ?Sized> Store for Arc<T> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    async fn load_session(
+        &self,
+        id: &str,
+        recent: usize,
+    ) -> Result<Option<LoadedSession>, StoreError> {
+        (**self).load_session(id, recent).await
+    }
+    async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+        (**self).commit(commit).await
+    }
+    async fn history(
+        &self,
+        head: MessageId,
+        limit: Option<usize>,
+    ) -> Result<Vec<Message>, StoreError> {
+        (**self).history(head, limit).await
+    }
+    async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+    ) -> Result<Vec<SessionSummary>, StoreError> {
+        (**self).list_sessions(filter).await
+    }
+    async fn delete_session(&self, id: &str) -> Result<bool, StoreError> {
+        (**self).delete_session(id).await
+    }
+    async fn list_checkpoints(
+        &self,
+        session_id: &str,
+    ) -> Result<Vec<CheckpointRecord>, StoreError> {
+        (**self).list_checkpoints(session_id).await
+    }
+    async fn flush(&self) -> Result<(), StoreError> {
+        (**self).flush().await
+    }
+}
+
+/// Opens the store the configuration names.
+pub fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    match config.store.backend {
+        StoreBackend::Memory => Ok(Arc::new(MemoryStore::new())),
+        StoreBackend::Sqlite => Ok(Arc::new(SqliteStore::open(
+            &config.store.path,
+            config.store.sync,
+        )?)),
+    }
+}
+
+/// Checks the version precondition of a commit against what is stored.
+pub(crate) fn check_version(commit: &Commit, stored: Option<u64>) -> Result<(), StoreError> {
+    if commit.expected_version != stored {
+        return Err(StoreError::Conflict {
+            session: commit.record.id.clone(),
+            expected: commit.expected_version,
+            found: stored,
+        });
+    }
+    Ok(())
+}
+
+/// Microseconds since the epoch: how times are stored.
+pub(crate) fn to_micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// The inverse of [`to_micros`].
+pub(crate) fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}

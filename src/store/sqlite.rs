@@ -1,0 +1,822 @@
+//! The embedded default store: one SQLite file, WAL, group commit.
+//!
+//! All writes go to one writer thread that owns the write connection. It
+//! takes every job waiting in its queue (up to [`MAX_BATCH`]) and applies them
+//! in one transaction, each job inside its own savepoint so that one refused
+//! job (a version conflict) does not fail its neighbours. A job is
+//! acknowledged only after its transaction committed — with `sync = "full"`,
+//! after the fsync. Many sessions' turns so share one fsync (group commit).
+//!
+//! Reads run on a small pool of reader threads, each with its own connection
+//! (WAL lets readers run beside the writer). Nothing here ever blocks an actix
+//! arbiter thread: callers await a oneshot channel.
+//!
+//! Layout (schema v1): `sessions` keyed by a compact integer, `segments` of
+//! the message tree, `messages` clustered by `(segment, seq)` (`WITHOUT
+//! ROWID`) so that a history read is a few range scans, and `checkpoints`.
+//! Migrations are numbered and recorded in `schema_version`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::{
+    check_version, from_micros, to_micros, CheckpointKind, CheckpointRecord, Commit, JsonMap,
+    LoadedSession, Message, MessageId, Role, SessionFilter, SessionRecord, SessionSummary, Store,
+    StoreError,
+};
+
+/// Most jobs one transaction takes.
+pub const MAX_BATCH: usize = 512;
+const READERS: usize = 2;
+
+/// How hard SQLite works to make a commit survive a crash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync at every commit: an acknowledged turn survives a power loss.
+    #[default]
+    Full,
+    /// No fsync at commit (WAL): an acknowledged turn survives a crash of the
+    /// process, but the last ones may be lost on a power loss.
+    Normal,
+}
+
+const MIGRATIONS: &[&str] = &[
+    // v1: sessions, the message tree, checkpoints.
+    r#"
+    CREATE TABLE sessions (
+        key INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        user_id TEXT,
+        agents TEXT NOT NULL,
+        head_segment INTEGER,
+        head_seq INTEGER,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        interactions INTEGER NOT NULL,
+        state_version INTEGER NOT NULL,
+        profile TEXT NOT NULL,
+        preferences TEXT NOT NULL,
+        user_data TEXT NOT NULL,
+        metadata TEXT NOT NULL
+    );
+    CREATE INDEX sessions_user ON sessions(user_id, updated_at);
+    CREATE INDEX sessions_updated ON sessions(updated_at);
+    CREATE TABLE segments (
+        id INTEGER PRIMARY KEY,
+        session_key INTEGER NOT NULL,
+        parent_segment INTEGER,
+        parent_seq INTEGER,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX segments_session ON segments(session_key);
+    CREATE INDEX segments_parent ON segments(parent_segment);
+    CREATE TABLE messages (
+        segment INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        role INTEGER NOT NULL,
+        agent TEXT,
+        content TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        meta TEXT,
+        PRIMARY KEY (segment, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE checkpoints (
+        id TEXT PRIMARY KEY,
+        session_key INTEGER NOT NULL,
+        head_segment INTEGER,
+        head_seq INTEGER,
+        label TEXT,
+        description TEXT,
+        kind INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX checkpoints_session ON checkpoints(session_key, created_at);
+    "#,
+];
+
+enum WriteOp {
+    Commit(Box<Commit>),
+    Delete(String),
+}
+
+struct WriteJob {
+    op: WriteOp,
+    ack: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// The SQLite store. See the module docs.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Option<crossbeam_channel::Sender<WriteJob>>>,
+    readers: Mutex<Option<crossbeam_channel::Sender<ReadJob>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
+    let err = |reason: String| StoreError::Open {
+        path: path.display().to_string(),
+        reason,
+    };
+    let conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
+    let sync = match sync {
+        SyncMode::Full => "FULL",
+        SyncMode::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; \
+         PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;"
+    ))
+    .map_err(|e| err(format!("{e} (is it a SQLite database?)")))?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let err = |reason: String| StoreError::Open {
+        path: path.display().to_string(),
+        reason,
+    };
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| err(e.to_string()))?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        .map_err(|e| err(format!("{e} (is it a SQLite database?)")))?;
+    let current: i64 = tx
+        .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))
+        .map_err(|e| err(e.to_string()))?;
+    let known = MIGRATIONS.len() as i64;
+    if current > known {
+        return Err(err(format!(
+            "it was written by a newer troupe (schema v{current}; this build knows up to v{known})"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let v = i as i64 + 1;
+        tx.execute_batch(sql)
+            .map_err(|e| err(format!("migration to schema v{v} failed: {e}")))?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [v])
+            .map_err(|e| err(e.to_string()))?;
+        tracing::info!(path = %path.display(), version = v, "store schema migrated");
+    }
+    tx.commit().map_err(|e| err(e.to_string()))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and starts its
+    /// writer and reader threads.
+    pub fn open(path: impl AsRef<Path>, sync: SyncMode) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                reason: format!("cannot create directory '{}': {e}", dir.display()),
+            })?;
+        }
+        let mut conn = open_connection(&path, sync)?;
+        migrate(&mut conn, &path)?;
+        let mut threads = Vec::new();
+
+        let (wtx, wrx) = crossbeam_channel::unbounded::<WriteJob>();
+        threads.push(
+            std::thread::Builder::new()
+                .name("troupe-sqlite-writer".into())
+                .spawn(move || writer_loop(conn, wrx))
+                .map_err(|e| StoreError::Open {
+                    path: path.display().to_string(),
+                    reason: format!("cannot start writer thread: {e}"),
+                })?,
+        );
+        let (rtx, rrx) = crossbeam_channel::unbounded::<ReadJob>();
+        for i in 0..READERS {
+            let conn = open_connection(&path, sync)?;
+            let rrx = rrx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("troupe-sqlite-reader-{i}"))
+                    .spawn(move || {
+                        for job in rrx {
+                            job(&conn);
+                        }
+                    })
+                    .map_err(|e| StoreError::Open {
+                        path: path.display().to_string(),
+                        reason: format!("cannot start reader thread: {e}"),
+                    })?,
+            );
+        }
+        Ok(SqliteStore {
+            path,
+            writer: Mutex::new(Some(wtx)),
+            readers: Mutex::new(Some(rtx)),
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<bool, StoreError> {
+        let (ack, rx) = oneshot::channel();
+        {
+            let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = guard.as_ref().ok_or(StoreError::Closed)?;
+            tx.send(WriteJob { op, ack }).map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let guard = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+            let readers = guard.as_ref().ok_or(StoreError::Closed)?;
+            readers
+                .send(Box::new(move |conn: &Connection| {
+                    let _ = tx.send(f(conn));
+                }))
+                .map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stops the threads after the queued work is done. Later calls fail
+    /// with [`StoreError::Closed`].
+    pub fn close(&self) {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.readers.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn writer_loop(mut conn: Connection, rx: crossbeam_channel::Receiver<WriteJob>) {
+    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let results = apply_batch(&mut conn, &batch);
+        for (job, result) in batch.drain(..).zip(results) {
+            let _ = job.ack.send(result);
+        }
+    }
+    // The channel is closed: checkpoint the WAL so the file is self-contained.
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+}
+
+fn apply_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, StoreError>> {
+    let fail_all = |e: &rusqlite::Error| {
+        batch
+            .iter()
+            .map(|_| Err(StoreError::Database(e.to_string())))
+            .collect()
+    };
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(&e),
+    };
+    let single = batch.len() == 1;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        // A lone job needs no savepoint: its failure rolls back the transaction.
+        if !single {
+            if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+                results.push(Err(e.into()));
+                continue;
+            }
+        }
+        let r = match &job.op {
+            WriteOp::Commit(c) => apply_commit(&tx, c).map(|_| true),
+            WriteOp::Delete(id) => apply_delete(&tx, id),
+        };
+        if !single {
+            let end = if r.is_ok() {
+                "RELEASE job"
+            } else {
+                "ROLLBACK TO job; RELEASE job"
+            };
+            if let Err(e) = tx.execute_batch(end) {
+                results.push(Err(e.into()));
+                continue;
+            }
+        }
+        results.push(r);
+    }
+    if single && results[0].is_err() {
+        let _ = tx.rollback();
+        return results;
+    }
+    match tx.commit() {
+        Ok(()) => results,
+        Err(e) => fail_all(&e),
+    }
+}
+
+fn json_text(map: &JsonMap) -> String {
+    // A map of JSON values always serialises.
+    serde_json::to_string(map).unwrap_or_else(|_| "{}".into())
+}
+
+fn split(head: Option<MessageId>) -> (Option<i64>, Option<i64>) {
+    match head {
+        Some(h) => (Some(h.segment), Some(h.seq as i64)),
+        None => (None, None),
+    }
+}
+
+fn apply_commit(tx: &Transaction<'_>, c: &Commit) -> Result<(), StoreError> {
+    let r = &c.record;
+    let (hs, hq) = split(r.head);
+    let now = to_micros(r.updated_at);
+    let mut session_key: Option<i64> = None;
+    match c.expected_version {
+        Some(expected) => {
+            let changed = if c.small_state_changed {
+                let agents = serde_json::to_string(&r.agents).unwrap_or_else(|_| "[]".into());
+                tx.prepare_cached(
+                    "UPDATE sessions SET user_id=?1, agents=?2, head_segment=?3, head_seq=?4, \
+                     updated_at=?5, interactions=?6, state_version=?7, profile=?8, preferences=?9, \
+                     user_data=?10, metadata=?11 WHERE id=?12 AND state_version=?13",
+                )?
+                .execute(params![
+                    r.user_id,
+                    agents,
+                    hs,
+                    hq,
+                    now,
+                    r.interactions as i64,
+                    r.state_version as i64,
+                    json_text(&r.profile),
+                    json_text(&r.preferences),
+                    json_text(&r.user_data),
+                    json_text(&r.metadata),
+                    r.id,
+                    expected as i64
+                ])?
+            } else {
+                tx.prepare_cached(
+                    "UPDATE sessions SET head_segment=?1, head_seq=?2, updated_at=?3, \
+                     interactions=?4, state_version=?5 WHERE id=?6 AND state_version=?7",
+                )?
+                .execute(params![
+                    hs,
+                    hq,
+                    now,
+                    r.interactions as i64,
+                    r.state_version as i64,
+                    r.id,
+                    expected as i64
+                ])?
+            };
+            if changed != 1 {
+                let found: Option<i64> = tx
+                    .prepare_cached("SELECT state_version FROM sessions WHERE id=?1")?
+                    .query_row([&r.id], |row| row.get(0))
+                    .optional()?;
+                check_version(c, found.map(|v| v as u64))?;
+                return Err(StoreError::Database(format!(
+                    "session '{}' update matched no row",
+                    r.id
+                )));
+            }
+        }
+        None => {
+            let exists: Option<i64> = tx
+                .prepare_cached("SELECT state_version FROM sessions WHERE id=?1")?
+                .query_row([&r.id], |row| row.get(0))
+                .optional()?;
+            check_version(c, exists.map(|v| v as u64))?;
+            let agents = serde_json::to_string(&r.agents).unwrap_or_else(|_| "[]".into());
+            tx.prepare_cached(
+                "INSERT INTO sessions (id, user_id, agents, head_segment, head_seq, created_at, \
+                 updated_at, interactions, state_version, profile, preferences, user_data, metadata) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )?
+            .execute(params![
+                r.id,
+                r.user_id,
+                agents,
+                hs,
+                hq,
+                to_micros(r.created_at),
+                now,
+                r.interactions as i64,
+                r.state_version as i64,
+                json_text(&r.profile),
+                json_text(&r.preferences),
+                json_text(&r.user_data),
+                json_text(&r.metadata),
+            ])?;
+            session_key = Some(tx.last_insert_rowid());
+        }
+    }
+    let mut key = || -> Result<i64, StoreError> {
+        if let Some(k) = session_key {
+            return Ok(k);
+        }
+        let k: i64 = tx
+            .prepare_cached("SELECT key FROM sessions WHERE id=?1")?
+            .query_row([&r.id], |row| row.get(0))?;
+        session_key = Some(k);
+        Ok(k)
+    };
+    if let Some(seg) = &c.new_segment {
+        let k = key()?;
+        let (ps, pq) = split(seg.parent);
+        tx.prepare_cached(
+            "INSERT INTO segments (id, session_key, parent_segment, parent_seq, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![seg.id, k, ps, pq, to_micros(seg.created_at)])?;
+    }
+    if !c.messages.is_empty() {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO messages (segment, seq, role, agent, content, created_at, meta) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for m in &c.messages {
+            let meta = m.meta.as_ref().map(|v| v.to_string());
+            stmt.execute(params![
+                m.id.segment,
+                m.id.seq as i64,
+                m.role.code() as i64,
+                m.agent,
+                m.content,
+                to_micros(m.created_at),
+                meta
+            ])?;
+        }
+    }
+    for cp in &c.checkpoints {
+        let k = key()?;
+        let (hs, hq) = split(cp.head);
+        let state = serde_json::to_string(&cp.state)
+            .map_err(|e| StoreError::Database(format!("cannot encode checkpoint state: {e}")))?;
+        tx.prepare_cached(
+            "INSERT INTO checkpoints (id, session_key, head_segment, head_seq, label, description, \
+             kind, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?
+        .execute(params![
+            cp.id,
+            k,
+            hs,
+            hq,
+            cp.label,
+            cp.description,
+            kind_code(cp.kind),
+            state,
+            to_micros(cp.created_at)
+        ])?;
+    }
+    Ok(())
+}
+
+fn kind_code(k: CheckpointKind) -> i64 {
+    match k {
+        CheckpointKind::Auto => 0,
+        CheckpointKind::Manual => 1,
+        CheckpointKind::Version => 2,
+    }
+}
+
+fn kind_from(code: i64) -> Result<CheckpointKind, StoreError> {
+    Ok(match code {
+        0 => CheckpointKind::Auto,
+        1 => CheckpointKind::Manual,
+        2 => CheckpointKind::Version,
+        other => return Err(StoreError::Corrupt(format!("unknown checkpoint kind {other}"))),
+    })
+}
+
+fn apply_delete(tx: &Transaction<'_>, id: &str) -> Result<bool, StoreError> {
+    let key: Option<i64> = tx
+        .prepare_cached("SELECT key FROM sessions WHERE id=?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    let Some(key) = key else { return Ok(false) };
+    // Segments of this session that no other session's segment branches from.
+    const DOOMED: &str = "SELECT s.id FROM segments s WHERE s.session_key = ?1 AND NOT EXISTS \
+        (SELECT 1 FROM segments c WHERE c.parent_segment = s.id AND c.session_key != ?1)";
+    tx.execute(
+        &format!("DELETE FROM messages WHERE segment IN ({DOOMED})"),
+        [key],
+    )?;
+    tx.execute(&format!("DELETE FROM segments WHERE id IN ({DOOMED})"), [key])?;
+    tx.execute("DELETE FROM checkpoints WHERE session_key=?1", [key])?;
+    tx.execute("DELETE FROM sessions WHERE key=?1", [key])?;
+    Ok(true)
+}
+
+fn parse_json_map(text: &str, what: &str, session: &str) -> Result<JsonMap, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("session '{session}': {what} is not a JSON object: {e}")))
+}
+
+fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, RawRecord)> {
+    Ok((
+        row.get(0)?,
+        RawRecord {
+            id: row.get(1)?,
+            user_id: row.get(2)?,
+            agents: row.get(3)?,
+            head_segment: row.get(4)?,
+            head_seq: row.get(5)?,
+            created_at: row.get(6)?,
+            updated_at: row.get(7)?,
+            interactions: row.get(8)?,
+            state_version: row.get(9)?,
+            profile: row.get(10)?,
+            preferences: row.get(11)?,
+            user_data: row.get(12)?,
+            metadata: row.get(13)?,
+        },
+    ))
+}
+
+const RECORD_COLUMNS: &str = "key, id, user_id, agents, head_segment, head_seq, created_at, \
+    updated_at, interactions, state_version, profile, preferences, user_data, metadata";
+
+struct RawRecord {
+    id: String,
+    user_id: Option<String>,
+    agents: String,
+    head_segment: Option<i64>,
+    head_seq: Option<i64>,
+    created_at: i64,
+    updated_at: i64,
+    interactions: i64,
+    state_version: i64,
+    profile: String,
+    preferences: String,
+    user_data: String,
+    metadata: String,
+}
+
+impl RawRecord {
+    fn decode(self) -> Result<SessionRecord, StoreError> {
+        let agents = serde_json::from_str(&self.agents).map_err(|e| {
+            StoreError::Corrupt(format!("session '{}': agents list: {e}", self.id))
+        })?;
+        let head = match (self.head_segment, self.head_seq) {
+            (Some(segment), Some(seq)) => Some(MessageId {
+                segment,
+                seq: seq as u32,
+            }),
+            _ => None,
+        };
+        Ok(SessionRecord {
+            profile: parse_json_map(&self.profile, "profile", &self.id)?,
+            preferences: parse_json_map(&self.preferences, "preferences", &self.id)?,
+            user_data: parse_json_map(&self.user_data, "user data", &self.id)?,
+            metadata: parse_json_map(&self.metadata, "metadata", &self.id)?,
+            id: self.id,
+            user_id: self.user_id,
+            agents,
+            head,
+            created_at: from_micros(self.created_at),
+            updated_at: from_micros(self.updated_at),
+            interactions: self.interactions as u64,
+            state_version: self.state_version as u64,
+        })
+    }
+}
+
+/// The segment's owner and the message it branches from.
+fn segment_meta(conn: &Connection, seg: i64) -> Result<(i64, Option<MessageId>), StoreError> {
+    let row: Option<(i64, Option<i64>, Option<i64>)> = conn
+        .prepare_cached("SELECT session_key, parent_segment, parent_seq FROM segments WHERE id=?1")?
+        .query_row([seg], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let (owner, ps, pq) =
+        row.ok_or_else(|| StoreError::Corrupt(format!("segment {seg:x} is missing")))?;
+    let parent = match (ps, pq) {
+        (Some(segment), Some(seq)) => Some(MessageId {
+            segment,
+            seq: seq as u32,
+        }),
+        _ => None,
+    };
+    Ok((owner, parent))
+}
+
+/// The last `limit` messages of the path from the root to `head`.
+fn read_path(
+    conn: &Connection,
+    head: MessageId,
+    limit: Option<usize>,
+) -> Result<Vec<Message>, StoreError> {
+    let mut out: Vec<Message> = Vec::new();
+    let mut cur = Some(head);
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, role, agent, content, created_at, meta FROM messages \
+         WHERE segment=?1 AND seq<=?2 ORDER BY seq DESC LIMIT ?3",
+    )?;
+    while let Some(at) = cur {
+        let want = match limit {
+            Some(l) if out.len() >= l => break,
+            Some(l) => (l - out.len()) as i64,
+            None => -1,
+        };
+        let (_, seg_parent) = segment_meta(conn, at.segment)?;
+        let mut rows = stmt.query(params![at.segment, at.seq as i64, want])?;
+        let mut expected = at.seq as i64;
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            if seq != expected {
+                return Err(StoreError::Corrupt(format!(
+                    "message {:x}.{expected} is missing",
+                    at.segment
+                )));
+            }
+            expected -= 1;
+            let role_code: i64 = row.get(1)?;
+            let role = Role::from_code(role_code as u8)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown role code {role_code}")))?;
+            let meta: Option<String> = row.get(5)?;
+            let meta = match meta {
+                Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
+                    StoreError::Corrupt(format!("message {:x}.{seq} meta: {e}", at.segment))
+                })?),
+                None => None,
+            };
+            let id = MessageId {
+                segment: at.segment,
+                seq: seq as u32,
+            };
+            out.push(Message {
+                id,
+                parent: id.prev_in_segment().or(seg_parent),
+                role,
+                agent: row.get(2)?,
+                content: row.get(3)?,
+                created_at: from_micros(row.get(4)?),
+                meta,
+            });
+        }
+        if expected >= 0 && limit.is_none_or(|l| out.len() < l) {
+            return Err(StoreError::Corrupt(format!(
+                "message {:x}.{expected} is missing",
+                at.segment
+            )));
+        }
+        cur = seg_parent;
+    }
+    out.reverse();
+    Ok(out)
+}
+
+fn read_session(
+    conn: &Connection,
+    id: &str,
+    recent: usize,
+) -> Result<Option<LoadedSession>, StoreError> {
+    let row = conn
+        .prepare_cached(&format!("SELECT {RECORD_COLUMNS} FROM sessions WHERE id=?1"))?
+        .query_row([id], row_to_record)
+        .optional()?;
+    let Some((key, raw)) = row else {
+        return Ok(None);
+    };
+    let record = raw.decode()?;
+    let (recent, can_append) = match record.head {
+        None => (Vec::new(), false),
+        Some(head) => {
+            let recent = if recent > 0 {
+                read_path(conn, head, Some(recent))?
+            } else {
+                Vec::new()
+            };
+            let (owner, _) = segment_meta(conn, head.segment)?;
+            let tip: Option<i64> = conn
+                .prepare_cached("SELECT MAX(seq) FROM messages WHERE segment=?1")?
+                .query_row([head.segment], |r| r.get(0))?;
+            (recent, owner == key && tip == Some(head.seq as i64))
+        }
+    };
+    Ok(Some(LoadedSession {
+        record,
+        recent,
+        can_append,
+    }))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn load_session(
+        &self,
+        id: &str,
+        recent: usize,
+    ) -> Result<Option<LoadedSession>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |conn| read_session(conn, &id, recent)).await
+    }
+
+    async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+        self.write(WriteOp::Commit(Box::new(commit))).await.map(|_| ())
+    }
+
+    async fn history(
+        &self,
+        head: MessageId,
+        limit: Option<usize>,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.read(move |conn| read_path(conn, head, limit)).await
+    }
+
+    async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+    ) -> Result<Vec<SessionSummary>, StoreError> {
+        let filter = filter.clone();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM sessions \
+                 WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR updated_at < ?2) \
+                 ORDER BY updated_at DESC, id LIMIT ?3"
+            ))?;
+            let limit = filter.limit.map_or(-1, |l| l as i64);
+            let rows = stmt.query_map(
+                params![filter.user_id, filter.updated_before.map(to_micros), limit],
+                row_to_record,
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (_, raw) = row?;
+                out.push(SessionSummary::from(&raw.decode()?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_session(&self, id: &str) -> Result<bool, StoreError> {
+        self.write(WriteOp::Delete(id.to_owned())).await
+    }
+
+    async fn list_checkpoints(
+        &self,
+        session_id: &str,
+    ) -> Result<Vec<CheckpointRecord>, StoreError> {
+        let session_id = session_id.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT c.id, c.head_segment, c.head_seq, c.label, c.description, c.kind, c.state, \
+                 c.created_at FROM checkpoints c JOIN sessions s ON s.key = c.session_key \
+                 WHERE s.id = ?1 ORDER BY c.created_at, c.id",
+            )?;
+            let mut rows = stmt.query([&session_id])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let hs: Option<i64> = row.get(1)?;
+                let hq: Option<i64> = row.get(2)?;
+                let state: String = row.get(6)?;
+                out.push(CheckpointRecord {
+                    id: row.get(0)?,
+                    session_id: session_id.clone(),
+                    head: hs.zip(hq).map(|(segment, seq)| MessageId {
+                        segment,
+                        seq: seq as u32,
+                    }),
+                    label: row.get(3)?,
+                    description: row.get(4)?,
+                    kind: kind_from(row.get(5)?)?,
+                    state: serde_json::from_str(&state)
+                        .map_err(|e| StoreError::Corrupt(format!("checkpoint state: {e}")))?,
+                    created_at: from_micros(row.get(7)?),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
