@@ -1,1 +1,435 @@
-fn main(){}
+//! The `troupe` command: parses arguments and configuration, then calls the
+//! library. Exit codes: 0 success, 1 failure, 2 bad usage or configuration,
+//! 3 a named thing (session, agent) does not exist.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use serde_json::json;
+use troupe::store::SessionFilter;
+use troupe::{Config, Error, Runtime, Session, StreamEvent};
+
+#[derive(Parser)]
+#[command(name = "troupe", version, about = "Sessions that remember, for multi-agent applications.")]
+struct Cli {
+    /// Config file (default: $TROUPE_CONFIG, else ./config.toml if present, else built-in defaults).
+    #[arg(long, global = true, env = "TROUPE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Chat with a session: one turn with --message, else an interactive loop.
+    Chat(ChatArgs),
+    /// List, show, export, import, delete and clean up sessions.
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
+    /// The agent definitions (agents/*.toml).
+    #[command(subcommand)]
+    Agents(AgentsCmd),
+    /// Measure the runtime: per-turn overhead, throughput, cold open, memory.
+    Bench(troupe::bench::BenchOptions),
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// Session id (default: a new uuid v4).
+    #[arg(long, short)]
+    session: Option<String>,
+    /// The user the session belongs to.
+    #[arg(long, short)]
+    user: Option<String>,
+    /// The agent to talk to (default: the session's, else `assistant`).
+    #[arg(long, short)]
+    agent: Option<String>,
+    /// Send this one message and exit.
+    #[arg(long, short)]
+    message: Option<String>,
+    /// Print {"session_id", "reply", "message_id"} as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum SessionsCmd {
+    /// List sessions, most recently updated first.
+    List {
+        /// Only this user's sessions.
+        #[arg(long)]
+        user: Option<String>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a session: metadata and history (root to head).
+    Show {
+        /// Session id.
+        id: String,
+        /// Only the last N messages.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a session to a file (JSON, or bincode for .bin).
+    Export {
+        /// Session id.
+        id: String,
+        /// The file (default: sessions/ID.json).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read a session file into the store.
+    Import {
+        /// The file.
+        path: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a session, its checkpoints and the messages nothing else reaches.
+    Rm {
+        /// Session id.
+        id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete sessions not updated for a while.
+    Cleanup {
+        /// Age: 30d, 12h, 15m, 45s (a bare number is seconds).
+        #[arg(long, value_parser = parse_age)]
+        older_than: Duration,
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentsCmd {
+    /// List the agents.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_age(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not an age like 30d, 12h, 15m or 45s"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        "w" => n * 7 * 86_400,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use s, m, h, d or w)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start tokio: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(match &e {
+                e if e.is_not_found() => 3,
+                Error::Config(_) | Error::Agent(_) | Error::InvalidSessionId { .. } => 2,
+                _ => 1,
+            })
+        }
+    }
+}
+
+async fn run(cli: Cli) -> troupe::Result<()> {
+    let config = Config::discover(cli.config.as_deref())?;
+    if let Command::Bench(opts) = cli.command {
+        return troupe::bench::run_cli(config, opts).await;
+    }
+    let rt = Runtime::builder().config(config).build().await?;
+    let result = dispatch(&rt, cli.command).await;
+    rt.shutdown().await?;
+    result
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+async fn dispatch(rt: &Runtime, command: Command) -> troupe::Result<()> {
+    match command {
+        Command::Chat(args) => chat(rt, args).await,
+        Command::Sessions(cmd) => sessions(rt, cmd).await,
+        Command::Agents(AgentsCmd::List { json }) => {
+            let agents = rt.agents();
+            if json {
+                print_json(&json!({ "agents": agents }));
+            } else {
+                for a in agents {
+                    println!("{:<12} {}", a.name, a.role.unwrap_or_default());
+                }
+            }
+            Ok(())
+        }
+        Command::Bench(_) => unreachable!("handled before the runtime starts"),
+    }
+}
+
+async fn chat(rt: &Runtime, args: ChatArgs) -> troupe::Result<()> {
+    let mut builder = match &args.session {
+        Some(id) => rt.session(id.clone()),
+        None => rt.new_session(),
+    };
+    if let Some(u) = &args.user {
+        builder = builder.user(u.clone());
+    }
+    if let Some(a) = &args.agent {
+        builder = builder.agent_named(a.clone());
+    }
+    let session = builder.open().await?;
+    if let Some(message) = args.message {
+        let reply = session.chat(message).await?;
+        if args.json {
+            print_json(&json!({
+                "session_id": reply.session_id,
+                "reply": reply.reply,
+                "message_id": reply.message_id,
+                "agent": reply.agent,
+            }));
+        } else {
+            println!("{}", reply.reply);
+        }
+        return Ok(());
+    }
+    interactive(&session, args.json).await
+}
+
+async fn interactive(session: &Session, json: bool) -> troupe::Result<()> {
+    eprintln!(
+        "session {} — type a message, /exit or Ctrl-D to leave",
+        session.id()
+    );
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        let _ = std::io::stderr().flush();
+        let Some(Ok(line)) = lines.next() else { break };
+        let line = line.trim().to_string();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/exit" || line == "/quit" {
+            break;
+        }
+        let mut stream = Box::pin(session.chat_stream(line).await?);
+        let mut out = std::io::stdout();
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(StreamEvent::Delta(piece)) if !json => {
+                    let _ = write!(out, "{piece}");
+                    let _ = out.flush();
+                }
+                Ok(StreamEvent::Delta(_)) => {}
+                Ok(StreamEvent::Done(reply)) => {
+                    if json {
+                        println!(
+                            "{}",
+                            json!({"session_id": reply.session_id, "reply": reply.reply, "message_id": reply.message_id})
+                        );
+                    } else {
+                        println!();
+                    }
+                }
+                Err(e) => {
+                    println!();
+                    eprintln!("error: {e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn sessions(rt: &Runtime, cmd: SessionsCmd) -> troupe::Result<()> {
+    match cmd {
+        SessionsCmd::List { user, limit, json } => {
+            let list = rt
+                .list_sessions(&SessionFilter {
+                    user_id: user,
+                    limit,
+                    ..Default::default()
+                })
+                .await?;
+            if json {
+                print_json(&json!({ "sessions": list }));
+            } else if list.is_empty() {
+                println!("no sessions");
+            } else {
+                println!("{:<38} {:<14} {:>6}  {}", "SESSION", "USER", "TURNS", "UPDATED");
+                for s in list {
+                    println!(
+                        "{:<38} {:<14} {:>6}  {}",
+                        s.id,
+                        s.user_id.unwrap_or_else(|| "-".into()),
+                        s.interactions,
+                        s.updated_at.format("%Y-%m-%d %H:%M:%S")
+                    );
+                }
+            }
+        }
+        SessionsCmd::Show { id, limit, json } => {
+            let session = rt.session(id).existing().open().await?;
+            let meta = session.metadata().await?;
+            let record = session.record().await?;
+            let history = match limit {
+                Some(l) => session.recent(l).await?,
+                None => session.history().await?,
+            };
+            if json {
+                print_json(&json!({
+                    "session": meta,
+                    "profile": record.profile,
+                    "preferences": record.preferences,
+                    "user_data": record.user_data,
+                    "history": history,
+                }));
+            } else {
+                println!(
+                    "session {}  user {}  agents {}  turns {}  created {}  updated {}",
+                    meta.session_id,
+                    meta.user_id.as_deref().unwrap_or("-"),
+                    meta.agents.join(","),
+                    meta.interactions,
+                    meta.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    meta.updated_at.format("%Y-%m-%d %H:%M:%S")
+                );
+                for m in history {
+                    let who = match (&m.agent, m.role) {
+                        (Some(a), troupe::Role::Assistant) => a.clone(),
+                        _ => m.role.as_str().to_string(),
+                    };
+                    println!("[{}] {}: {}", m.created_at.format("%H:%M:%S"), who, m.content);
+                }
+            }
+        }
+        SessionsCmd::Export { id, out, json } => {
+            let path = out.unwrap_or_else(|| PathBuf::from(format!("sessions/{id}.json")));
+            troupe::session::validate_session_id(&id)?;
+            let session = rt.session(id.clone()).existing().open().await?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    Error::InvalidRequest(format!("cannot create '{}': {e}", dir.display()))
+                })?;
+            }
+            session.save(&path).await?;
+            if json {
+                print_json(&json!({"session_id": id, "path": path}));
+            } else {
+                println!("session {id} written to {}", path.display());
+            }
+        }
+        SessionsCmd::Import { path, json } => {
+            let session = Session::load(rt, &path).await?;
+            let meta = session.metadata().await?;
+            if json {
+                print_json(&json!({"session_id": meta.session_id, "interactions": meta.interactions}));
+            } else {
+                println!("session {} imported from {}", meta.session_id, path.display());
+            }
+        }
+        SessionsCmd::Rm { id, json } => {
+            let existed = rt.delete_session(&id).await?;
+            if !existed {
+                return Err(Error::SessionNotFound(id));
+            }
+            if json {
+                print_json(&json!({"deleted": id}));
+            } else {
+                println!("session {id} deleted");
+            }
+        }
+        SessionsCmd::Cleanup {
+            older_than,
+            dry_run,
+            json,
+        } => {
+            let ids = if dry_run {
+                let cutoff = chrono::Utc::now()
+                    - chrono::Duration::from_std(older_than)
+                        .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+                rt.list_sessions(&SessionFilter {
+                    updated_before: Some(cutoff),
+                    ..Default::default()
+                })
+                .await?
+                .into_iter()
+                .map(|s| s.id)
+                .collect()
+            } else {
+                rt.cleanup(older_than).await?
+            };
+            if json {
+                print_json(&json!({"deleted": ids, "dry_run": dry_run}));
+            } else {
+                let verb = if dry_run { "would delete" } else { "deleted" };
+                println!("{verb} {} session(s)", ids.len());
+                for id in ids {
+                    println!("  {id}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_age;
+    use std::time::Duration;
+
+    #[test]
+    fn ages() {
+        assert_eq!(parse_age("30d").unwrap(), Duration::from_secs(30 * 86_400));
+        assert_eq!(parse_age("45").unwrap(), Duration::from_secs(45));
+        assert!(parse_age("3x").unwrap_err().contains("unknown unit"));
+        assert!(parse_age("soon").is_err());
+    }
+}

@@ -260,8 +260,13 @@ pub(crate) struct Open {
 impl Handler<Open> for SessionActor {
     type Result = Reply<SessionMetadata>;
 
-    fn handle(&mut self, msg: Open, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Open, ctx: &mut Context<Self>) -> Self::Result {
         self.last_active = Instant::now();
+        if matches!(self.phase, Phase::Absent) && !msg.create {
+            // Nothing to keep live for a session that does not exist.
+            self.passivate(ctx);
+            return done(Err(Error::SessionNotFound(self.id.to_string())));
+        }
         for b in &msg.agents {
             self.agents.retain(|x| x.spec.name != b.spec.name);
             self.agents.push(b.clone());
