@@ -4,7 +4,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::panic::AssertUnwindSafe;
+
 use actix::prelude::*;
+use futures::FutureExt;
 use serde::Serialize;
 
 use crate::model::{ChatModel, ChatRequest, ChatResponse, ModelError, TextStream};
@@ -102,7 +105,12 @@ impl Handler<Generate> for AgentActor {
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let started = Instant::now();
-            let result = model.complete(&msg.0).await;
+            // A panicking model must not take the arbiter thread (and every
+            // session on it) down with it: it is a failed call, nothing more.
+            let result = AssertUnwindSafe(model.complete(&msg.0))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(ModelError::Failed(panic_message(&panic))));
             metrics.record(started, &result);
             result
         })
@@ -117,11 +125,23 @@ impl Handler<GenerateStream> for AgentActor {
         let metrics = self.metrics.clone();
         Box::pin(async move {
             metrics.calls.fetch_add(1, Ordering::Relaxed);
-            let r = model.stream(&msg.0).await;
+            let r = AssertUnwindSafe(model.stream(&msg.0))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(ModelError::Failed(panic_message(&panic))));
             if r.is_err() {
                 metrics.failures.fetch_add(1, Ordering::Relaxed);
             }
             r
         })
     }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("the model panicked: {what}")
 }

@@ -138,11 +138,22 @@ impl SessionActor {
         ctx.stop();
     }
 
-    /// After a conflict or a failed load the in-memory state cannot be
-    /// trusted: leave, and let the next request activate a fresh actor.
+    /// After a conflict the in-memory state cannot be trusted: leave, and
+    /// let the next request activate a fresh actor.
     fn invalidate(&mut self, ctx: &mut Context<Self>) {
         tracing::warn!(session = %self.id, "session state is stale; reloading on next use");
-        self.passivate(ctx);
+        self.leave_soon(ctx);
+    }
+
+    /// Leaves the registry now (new requests get a fresh actor) but stops
+    /// only after answering what is already queued, so no caller sees its
+    /// request dropped.
+    fn leave_soon(&mut self, ctx: &mut Context<Self>) {
+        let me = ctx.address();
+        self.core
+            .registry
+            .remove_if(&*self.id, |_, addr| *addr == me);
+        ctx.run_later(Duration::ZERO, |_, ctx| ctx.stop());
     }
 
     /// Plans the messages of one turn: ids, parents, and the segment they go in.
@@ -202,7 +213,7 @@ impl Actor for SessionActor {
                         tracing::error!(session = %act.id, error = %e, "session failed to load");
                         act.phase = Phase::Failed(e.to_string());
                         // Answer what is queued with the error, then leave.
-                        act.passivate(ctx);
+                        act.leave_soon(ctx);
                     }
                 }),
         );
@@ -264,7 +275,7 @@ impl Handler<Open> for SessionActor {
         self.last_active = Instant::now();
         if matches!(self.phase, Phase::Absent) && !msg.create {
             // Nothing to keep live for a session that does not exist.
-            self.passivate(ctx);
+            self.leave_soon(ctx);
             return done(Err(Error::SessionNotFound(self.id.to_string())));
         }
         for b in &msg.agents {
