@@ -1,19 +1,531 @@
-//! The built-in benchmark (`troupe bench`): being written.
+//! The built-in benchmark: `troupe bench`.
+//!
+//! Measures the runtime's own cost with the offline echo model on a SQLite
+//! file on local disk — the workloads of the project's benchmark card:
+//!
+//! - `overhead`: per-turn latency of one session at history length 10 and
+//!   10,000 (`sync = "normal"`: runtime overhead), and the same with
+//!   `sync = "full"` (the durable latency a lone session sees);
+//! - `growth` (G): time of turn 1, 100, 500 and 1,000 of one session;
+//! - `throughput` (W1): N sessions × T turns driven concurrently,
+//!   `sync = "full"`: turns/s, store bytes, peak resident memory;
+//! - `cold-open` (W2): open a 2,000-message session in a fresh runtime and
+//!   read its history;
+//! - `idle-memory`: resident memory of 100,000 live idle sessions.
+//!
+//! This machine is shared and noisy: read medians, compare ratios.
 
-use clap::Args;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::config::Config;
-use crate::error::Result;
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use crate::config::{Config, StoreBackend, SyncMode};
+use crate::error::{Error, Result};
+use crate::runtime::Runtime;
+use crate::session::NewMessage;
+use crate::store::Role;
+use crate::EchoModel;
+
+/// Which workload to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Everything below.
+    All,
+    /// Per-turn latency at history length 10 and 10,000.
+    Overhead,
+    /// Turn 1, 100, 500, 1,000 of one session.
+    Growth,
+    /// Many sessions × turns, concurrently (W1).
+    Throughput,
+    /// Cold open + history read of a 2,000-message session (W2).
+    ColdOpen,
+    /// Resident memory of many idle live sessions.
+    IdleMemory,
+}
 
 /// Options of `troupe bench`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchOptions {
-    /// Sessions driven concurrently (W1).
+    /// The workload.
+    #[arg(long, value_enum, default_value_t = Scenario::All)]
+    pub scenario: Scenario,
+    /// Sessions driven concurrently (throughput).
     #[arg(long, default_value_t = 1000)]
     pub sessions: usize,
+    /// Turns per session (throughput).
+    #[arg(long, default_value_t = 20)]
+    pub turns: usize,
+    /// Turns measured per history length (overhead).
+    #[arg(long, default_value_t = 2000)]
+    pub samples: usize,
+    /// Live idle sessions (idle-memory).
+    #[arg(long, default_value_t = 100_000)]
+    pub idle_sessions: usize,
+    /// Directory for the benchmark's SQLite files (default: a fresh one in the system temp dir).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
-/// Runs the benchmark from the command line.
-pub async fn run_cli(_config: Config, _opts: BenchOptions) -> Result<()> {
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            scenario: Scenario::All,
+            sessions: 1000,
+            turns: 20,
+            samples: 2000,
+            idle_sessions: 100_000,
+            dir: None,
+            json: false,
+        }
+    }
+}
+
+/// Latency figures, microseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// Mean.
+    pub mean_us: f64,
+    /// Samples.
+    pub samples: usize,
+}
+
+impl Latency {
+    fn from(mut d: Vec<Duration>) -> Latency {
+        if d.is_empty() {
+            return Latency::default();
+        }
+        d.sort();
+        let us = |x: Duration| x.as_secs_f64() * 1e6;
+        let pick = |q: f64| us(d[((d.len() as f64 - 1.0) * q).round() as usize]);
+        Latency {
+            p50_us: pick(0.5),
+            p99_us: pick(0.99),
+            mean_us: d.iter().map(|x| us(*x)).sum::<f64>() / d.len() as f64,
+            samples: d.len(),
+        }
+    }
+}
+
+/// Per-turn latency at two history lengths.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Overhead {
+    /// History of 10 messages, `sync = "normal"`.
+    pub at_10: Latency,
+    /// History of 10,000 messages, `sync = "normal"`.
+    pub at_10000: Latency,
+    /// `at_10000.p50 / at_10.p50`.
+    pub ratio: f64,
+    /// History of 10 messages, `sync = "full"` (an fsync per turn for a lone session).
+    pub durable_at_10: Latency,
+}
+
+/// Turn latency as one session grows (G).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Growth {
+    /// (turn number, microseconds).
+    pub turns: Vec<(usize, f64)>,
+}
+
+/// W1.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Throughput {
+    /// Sessions.
+    pub sessions: usize,
+    /// Turns per session.
+    pub turns: usize,
+    /// Turns per second, wall clock.
+    pub turns_per_sec: f64,
+    /// Wall time, seconds.
+    pub wall_secs: f64,
+    /// Per-turn latency seen by the callers.
+    pub latency: Latency,
+    /// Store file bytes (database + WAL) afterwards.
+    pub store_bytes: u64,
+    /// Peak resident memory of the process, bytes.
+    pub peak_rss_bytes: u64,
+}
+
+/// W2.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ColdOpen {
+    /// Messages in the session.
+    pub messages: usize,
+    /// Open + read the whole history in a fresh runtime.
+    pub open_and_read: Latency,
+}
+
+/// Idle sessions.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IdleMemory {
+    /// Live sessions.
+    pub sessions: usize,
+    /// Resident memory added by them, bytes.
+    pub rss_delta_bytes: u64,
+    /// Per session, bytes.
+    pub bytes_per_session: f64,
+}
+
+/// Everything measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BenchReport {
+    /// Per-turn overhead.
+    pub overhead: Option<Overhead>,
+    /// Growth.
+    pub growth: Option<Growth>,
+    /// W1.
+    pub throughput: Option<Throughput>,
+    /// W2.
+    pub cold_open: Option<ColdOpen>,
+    /// Idle memory.
+    pub idle_memory: Option<IdleMemory>,
+}
+
+struct Workdir {
+    path: PathBuf,
+    owned: bool,
+}
+
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn config_for(base: &Config, db: &Path, sync: SyncMode) -> Config {
+    let mut c = base.clone();
+    c.store.backend = StoreBackend::Sqlite;
+    c.store.path = db.to_path_buf();
+    c.store.sync = sync;
+    c
+}
+
+async fn runtime(base: &Config, db: &Path, sync: SyncMode) -> Result<Runtime> {
+    Runtime::builder()
+        .config(config_for(base, db, sync))
+        .model(Arc::new(EchoModel::new()))
+        .build()
+        .await
+}
+
+/// Runs the chosen workloads.
+pub async fn run(config: Config, opts: &BenchOptions) -> Result<BenchReport> {
+    let work = match &opts.dir {
+        Some(d) => Workdir {
+            path: d.clone(),
+            owned: false,
+        },
+        None => Workdir {
+            path: std::env::temp_dir().join(format!("troupe-bench-{}", uuid::Uuid::new_v4())),
+            owned: true,
+        },
+    };
+    std::fs::create_dir_all(&work.path).map_err(|e| {
+        Error::InvalidRequest(format!("cannot create '{}': {e}", work.path.display()))
+    })?;
+    let wants = |s: Scenario| opts.scenario == Scenario::All || opts.scenario == s;
+    let mut report = BenchReport::default();
+    if wants(Scenario::Overhead) {
+        report.overhead = Some(overhead(&config, &work.path, opts.samples).await?);
+    }
+    if wants(Scenario::Growth) {
+        report.growth = Some(growth(&config, &work.path).await?);
+    }
+    if wants(Scenario::ColdOpen) {
+        report.cold_open = Some(cold_open(&config, &work.path).await?);
+    }
+    if wants(Scenario::Throughput) {
+        report.throughput = Some(throughput(&config, &work.path, opts.sessions, opts.turns).await?);
+    }
+    if wants(Scenario::IdleMemory) {
+        report.idle_memory = Some(idle_memory(&config, &work.path, opts.idle_sessions).await?);
+    }
+    Ok(report)
+}
+
+async fn prefill(rt: &Runtime, id: &str, messages: usize) -> Result<crate::Session> {
+    let s = rt.session(id).open().await?;
+    let history: Vec<NewMessage> = (0..messages)
+        .map(|i| {
+            let role = if i % 2 == 0 {
+                Role::User
+            } else {
+                Role::Assistant
+            };
+            NewMessage::new(
+                role,
+                format!("prefilled message number {i} with a little text"),
+            )
+        })
+        .collect();
+    s.set_history(history).await?;
+    Ok(s)
+}
+
+async fn time_turns(s: &crate::Session, n: usize) -> Result<Vec<Duration>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        s.chat(format!("benchmark turn {i}: how is it going?"))
+            .await?;
+        out.push(t.elapsed());
+    }
+    Ok(out)
+}
+
+async fn overhead(config: &Config, dir: &Path, samples: usize) -> Result<Overhead> {
+    let mut result = Overhead::default();
+    for (len, slot) in [(10usize, 0), (10_000, 1)] {
+        // One file each, so neither measurement inherits the other's WAL.
+        let rt = runtime(
+            config,
+            &dir.join(format!("overhead-{len}.db")),
+            SyncMode::Normal,
+        )
+        .await?;
+        let s = prefill(&rt, &format!("overhead-{len}"), len).await?;
+        time_turns(&s, samples / 10).await?; // warm-up
+        let lat = Latency::from(time_turns(&s, samples).await?);
+        if slot == 0 {
+            result.at_10 = lat;
+        } else {
+            result.at_10000 = lat;
+        }
+    }
+    result.ratio = result.at_10000.p50_us / result.at_10.p50_us.max(f64::MIN_POSITIVE);
+    let rt = runtime(config, &dir.join("overhead-full.db"), SyncMode::Full).await?;
+    let s = prefill(&rt, "durable", 10).await?;
+    time_turns(&s, 20).await?;
+    result.durable_at_10 = Latency::from(time_turns(&s, samples.min(500)).await?);
+    Ok(result)
+}
+
+async fn growth(config: &Config, dir: &Path) -> Result<Growth> {
+    let rt = runtime(config, &dir.join("growth.db"), SyncMode::Normal).await?;
+    let s = rt.session("growth").open().await?;
+    let times = time_turns(&s, 1000).await?;
+    Ok(Growth {
+        turns: [1usize, 100, 500, 1000]
+            .iter()
+            .map(|&n| (n, times[n - 1].as_secs_f64() * 1e6))
+            .collect(),
+    })
+}
+
+async fn cold_open(config: &Config, dir: &Path) -> Result<ColdOpen> {
+    let db = dir.join("cold.db");
+    {
+        let rt = runtime(config, &db, SyncMode::Normal).await?;
+        prefill(&rt, "cold", 2000).await?;
+        rt.shutdown().await?;
+    }
+    let mut times = Vec::new();
+    for _ in 0..15 {
+        let rt = runtime(config, &db, SyncMode::Normal).await?;
+        let t = Instant::now();
+        let s = rt.session("cold").existing().open().await?;
+        let h = s.history().await?;
+        times.push(t.elapsed());
+        if h.len() != 2000 {
+            return Err(Error::Runtime(format!(
+                "cold open read {} messages, expected 2000",
+                h.len()
+            )));
+        }
+    }
+    Ok(ColdOpen {
+        messages: 2000,
+        open_and_read: Latency::from(times),
+    })
+}
+
+async fn throughput(
+    config: &Config,
+    dir: &Path,
+    sessions: usize,
+    turns: usize,
+) -> Result<Throughput> {
+    let db = dir.join("w1.db");
+    let rt = runtime(config, &db, SyncMode::Full).await?;
+    let mut handles = Vec::with_capacity(sessions);
+    for i in 0..sessions {
+        handles.push(rt.session(format!("w1-{i}")).open().await?);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(sessions);
+    for s in handles {
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(turns);
+            for t in 0..turns {
+                let at = Instant::now();
+                s.chat(format!("turn {t}: tell me something")).await?;
+                lat.push(at.elapsed());
+            }
+            Ok::<_, Error>(lat)
+        }));
+    }
+    let mut all = Vec::with_capacity(sessions * turns);
+    for t in tasks {
+        all.extend(
+            t.await
+                .map_err(|e| Error::Runtime(format!("bench task failed: {e}")))??,
+        );
+    }
+    let wall = start.elapsed();
+    let total = sessions * turns;
+    let rss = peak_rss();
+    rt.shutdown().await?;
+    let store_bytes = file_size(&db) + file_size(&db.with_extension("db-wal"));
+    Ok(Throughput {
+        sessions,
+        turns,
+        turns_per_sec: total as f64 / wall.as_secs_f64(),
+        wall_secs: wall.as_secs_f64(),
+        latency: Latency::from(all),
+        store_bytes,
+        peak_rss_bytes: rss,
+    })
+}
+
+async fn idle_memory(config: &Config, dir: &Path, n: usize) -> Result<IdleMemory> {
+    let mut c = config_for(config, &dir.join("idle.db"), SyncMode::Normal);
+    c.sessions.idle_secs = 86_400.0;
+    let rt = Runtime::builder()
+        .config(c)
+        .model(Arc::new(EchoModel::new()))
+        .build()
+        .await?;
+    // Warm up the runtime's own allocations before the baseline.
+    rt.session("idle-warmup").open().await?;
+    let before = current_rss();
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let rt = rt.clone();
+        pending.push(tokio::spawn(async move {
+            rt.session(format!("idle-{i}")).open().await.map(|_| ())
+        }));
+        if pending.len() >= 512 {
+            for p in pending.drain(..) {
+                p.await
+                    .map_err(|e| Error::Runtime(format!("bench task failed: {e}")))??;
+            }
+        }
+    }
+    for p in pending {
+        p.await
+            .map_err(|e| Error::Runtime(format!("bench task failed: {e}")))??;
+    }
+    let live = rt.live_sessions();
+    let delta = current_rss().saturating_sub(before);
+    Ok(IdleMemory {
+        sessions: live,
+        rss_delta_bytes: delta,
+        bytes_per_session: delta as f64 / live.max(1) as f64,
+    })
+}
+
+fn file_size(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+fn status_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn current_rss() -> u64 {
+    status_kb("VmRSS:") * 1024
+}
+
+fn peak_rss() -> u64 {
+    status_kb("VmHWM:") * 1024
+}
+
+fn show(l: &Latency) -> String {
+    format!(
+        "p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs ({} turns)",
+        l.p50_us, l.p99_us, l.mean_us, l.samples
+    )
+}
+
+/// Prints a report for people.
+pub fn print(report: &BenchReport) {
+    if let Some(o) = &report.overhead {
+        println!("per-turn overhead (echo model, sync=normal)");
+        println!("  history 10:      {}", show(&o.at_10));
+        println!("  history 10,000:  {}", show(&o.at_10000));
+        println!("  ratio (p50):     {:.2}", o.ratio);
+        println!(
+            "  durable, sync=full, history 10: {}",
+            show(&o.durable_at_10)
+        );
+    }
+    if let Some(g) = &report.growth {
+        let parts: Vec<String> = g
+            .turns
+            .iter()
+            .map(|(n, us)| format!("turn {n}: {us:.0} µs"))
+            .collect();
+        println!("growth (G, one session): {}", parts.join(", "));
+    }
+    if let Some(c) = &report.cold_open {
+        println!(
+            "cold open + read {} messages (W2): {}",
+            c.messages,
+            show(&c.open_and_read)
+        );
+    }
+    if let Some(t) = &report.throughput {
+        println!(
+            "throughput (W1, sync=full): {} sessions x {} turns: {:.0} turns/s in {:.2} s",
+            t.sessions, t.turns, t.turns_per_sec, t.wall_secs
+        );
+        println!("  turn latency: {}", show(&t.latency));
+        println!(
+            "  store {:.1} MB, peak RSS {:.1} MB",
+            t.store_bytes as f64 / 1e6,
+            t.peak_rss_bytes as f64 / 1e6
+        );
+    }
+    if let Some(m) = &report.idle_memory {
+        println!(
+            "idle memory: {} live sessions use {:.1} MB ({:.0} bytes each)",
+            m.sessions,
+            m.rss_delta_bytes as f64 / 1e6,
+            m.bytes_per_session
+        );
+    }
+}
+
+/// `troupe bench`: runs and prints.
+pub async fn run_cli(config: Config, opts: BenchOptions) -> Result<()> {
+    let report = run(config, &opts).await?;
+    if opts.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print(&report);
+    }
     Ok(())
 }

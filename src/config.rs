@@ -98,7 +98,9 @@ impl std::str::FromStr for ModelProvider {
         match s {
             "echo" => Ok(ModelProvider::Echo),
             "openai" => Ok(ModelProvider::Openai),
-            other => Err(format!("unknown model provider '{other}' (expected echo or openai)")),
+            other => Err(format!(
+                "unknown model provider '{other}' (expected echo or openai)"
+            )),
         }
     }
 }
@@ -296,7 +298,7 @@ impl Config {
                 reason: reason.into(),
             })
         };
-        if !(self.sessions.idle_secs > 0.0) {
+        if self.sessions.idle_secs.is_nan() || self.sessions.idle_secs <= 0.0 {
             return invalid(
                 "sessions.idle_secs",
                 self.sessions.idle_secs.to_string(),
@@ -327,7 +329,8 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Config::from_toml_str("[store]\nbackend = \"sqlite\"\npaht = \"x\"\n").unwrap_err();
+        let err =
+            Config::from_toml_str("[store]\nbackend = \"sqlite\"\npaht = \"x\"\n").unwrap_err();
         assert!(err.contains("paht"), "{err}");
     }
 

@@ -14,7 +14,11 @@ use troupe::store::SessionFilter;
 use troupe::{Config, Error, Runtime, Session, StreamEvent};
 
 #[derive(Parser)]
-#[command(name = "troupe", version, about = "Sessions that remember, for multi-agent applications.")]
+#[command(
+    name = "troupe",
+    version,
+    about = "Sessions that remember, for multi-agent applications."
+)]
 struct Cli {
     /// Config file (default: $TROUPE_CONFIG, else ./config.toml if present, else built-in defaults).
     #[arg(long, global = true, env = "TROUPE_CONFIG")]
@@ -144,7 +148,11 @@ fn parse_age(s: &str) -> Result<Duration, String> {
         "h" => n * 3600,
         "d" => n * 86_400,
         "w" => n * 7 * 86_400,
-        _ => return Err(format!("'{s}': unknown unit '{unit}' (use s, m, h, d or w)")),
+        _ => {
+            return Err(format!(
+                "'{s}': unknown unit '{unit}' (use s, m, h, d or w)"
+            ))
+        }
     };
     Ok(Duration::from_secs(secs))
 }
@@ -158,7 +166,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start tokio: {e}");
@@ -303,7 +314,7 @@ async fn sessions(rt: &Runtime, cmd: SessionsCmd) -> troupe::Result<()> {
             } else if list.is_empty() {
                 println!("no sessions");
             } else {
-                println!("{:<38} {:<14} {:>6}  {}", "SESSION", "USER", "TURNS", "UPDATED");
+                println!("{:<38} {:<14} {:>6}  UPDATED", "SESSION", "USER", "TURNS");
                 for s in list {
                     println!(
                         "{:<38} {:<14} {:>6}  {}",
@@ -346,7 +357,12 @@ async fn sessions(rt: &Runtime, cmd: SessionsCmd) -> troupe::Result<()> {
                         (Some(a), troupe::Role::Assistant) => a.clone(),
                         _ => m.role.as_str().to_string(),
                     };
-                    println!("[{}] {}: {}", m.created_at.format("%H:%M:%S"), who, m.content);
+                    println!(
+                        "[{}] {}: {}",
+                        m.created_at.format("%H:%M:%S"),
+                        who,
+                        m.content
+                    );
                 }
             }
         }
@@ -370,9 +386,15 @@ async fn sessions(rt: &Runtime, cmd: SessionsCmd) -> troupe::Result<()> {
             let session = Session::load(rt, &path).await?;
             let meta = session.metadata().await?;
             if json {
-                print_json(&json!({"session_id": meta.session_id, "interactions": meta.interactions}));
+                print_json(
+                    &json!({"session_id": meta.session_id, "interactions": meta.interactions}),
+                );
             } else {
-                println!("session {} imported from {}", meta.session_id, path.display());
+                println!(
+                    "session {} imported from {}",
+                    meta.session_id,
+                    path.display()
+                );
             }
         }
         SessionsCmd::Rm { id, json } => {

@@ -89,8 +89,7 @@ impl Core {
             max_tokens: resolved.max_tokens,
             addrs,
         });
-        self.bound
-            .insert(agent.name().to_string(), binding.clone());
+        self.bound.insert(agent.name().to_string(), binding.clone());
         Ok(binding)
     }
 
@@ -279,7 +278,11 @@ impl RuntimeBuilder {
     }
 }
 
-type Started = (actix::System, Vec<ArbiterHandle>, std::thread::JoinHandle<()>);
+type Started = (
+    actix::System,
+    Vec<ArbiterHandle>,
+    std::thread::JoinHandle<()>,
+);
 
 fn start_system(n: usize) -> Result<Started> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -287,9 +290,8 @@ fn start_system(n: usize) -> Result<Started> {
         .name("troupe-actix".into())
         .spawn(move || {
             let sys = actix::System::new();
-            let arbiters: Vec<actix::Arbiter> = sys.block_on(async {
-                (0..n).map(|_| actix::Arbiter::new()).collect()
-            });
+            let arbiters: Vec<actix::Arbiter> =
+                sys.block_on(async { (0..n).map(|_| actix::Arbiter::new()).collect() });
             let handles: Vec<ArbiterHandle> = arbiters.iter().map(|a| a.handle()).collect();
             let _ = tx.send((actix::System::current(), handles));
             let _ = sys.run();
@@ -357,8 +359,7 @@ impl Runtime {
             .get(name)
             .map(|s| Agent::from_spec(s.clone()))
             .ok_or_else(|| {
-                let mut known: Vec<String> =
-                    core.catalog.iter().map(|e| e.key().clone()).collect();
+                let mut known: Vec<String> = core.catalog.iter().map(|e| e.key().clone()).collect();
                 known.sort();
                 AgentError::Unknown {
                     name: name.into(),
@@ -425,7 +426,10 @@ impl Runtime {
                 let Some(core) = weak.upgrade() else { return };
                 match core.cleanup(Duration::from_secs(ttl)).await {
                     Ok(ids) if !ids.is_empty() => {
-                        tracing::info!(count = ids.len(), "expired sessions deleted (sessions.ttl_secs)")
+                        tracing::info!(
+                            count = ids.len(),
+                            "expired sessions deleted (sessions.ttl_secs)"
+                        )
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "session expiry sweep failed"),

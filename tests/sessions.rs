@@ -74,17 +74,29 @@ async fn a_new_process_sees_the_history_of_an_earlier_one() {
         &cfg,
         format!(
             "[store]\npath = \"db/t.db\"\n[agents]\ndir = \"{}\"\n",
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("agents").display()
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("agents")
+                .display()
         ),
     )
     .unwrap();
     let run = |msg: &str| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_troupe"))
-            .args(["--config", cfg.to_str().unwrap(), "chat", "--session", "alice"])
+            .args([
+                "--config",
+                cfg.to_str().unwrap(),
+                "chat",
+                "--session",
+                "alice",
+            ])
             .args(["--message", msg, "--json"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let first = run("My name is Alice");
@@ -128,7 +140,14 @@ async fn concurrent_chats_on_one_session_never_interleave() {
     drop(s);
     drop(rt);
     let rt = sqlite_rt(dir.path(), None).await;
-    let h2 = rt.session("busy").open().await.unwrap().history().await.unwrap();
+    let h2 = rt
+        .session("busy")
+        .open()
+        .await
+        .unwrap()
+        .history()
+        .await
+        .unwrap();
     assert_eq!(h, h2);
 }
 
@@ -154,9 +173,23 @@ async fn a_thousand_sessions_in_parallel_lose_nothing() {
     let all = rt.list_sessions(&SessionFilter::default()).await.unwrap();
     assert_eq!(all.len(), 1000);
     for i in (0..1000).step_by(37) {
-        let h = rt.session(format!("s{i}")).open().await.unwrap().history().await.unwrap();
-        let users: Vec<_> = h.iter().filter(|m| m.role == Role::User).map(|m| m.content.clone()).collect();
-        assert_eq!(users, (0..3).map(|t| format!("s{i} turn {t}")).collect::<Vec<_>>());
+        let h = rt
+            .session(format!("s{i}"))
+            .open()
+            .await
+            .unwrap()
+            .history()
+            .await
+            .unwrap();
+        let users: Vec<_> = h
+            .iter()
+            .filter(|m| m.role == Role::User)
+            .map(|m| m.content.clone())
+            .collect();
+        assert_eq!(
+            users,
+            (0..3).map(|t| format!("s{i} turn {t}")).collect::<Vec<_>>()
+        );
     }
     assert!(all.iter().all(|s| s.interactions == 3));
 }
@@ -179,7 +212,12 @@ async fn idle_sessions_are_passivated_and_come_back() {
 #[tokio::test]
 async fn a_failed_model_call_changes_nothing() {
     let model = ScriptedModel::new();
-    let rt = Runtime::builder().memory_store().model(model).build().await.unwrap();
+    let rt = Runtime::builder()
+        .memory_store()
+        .model(model)
+        .build()
+        .await
+        .unwrap();
     let s = rt.session("f").open().await.unwrap();
     s.chat("ok").await.unwrap();
     let before = s.record().await.unwrap();
@@ -197,7 +235,11 @@ async fn a_failed_model_call_changes_nothing() {
 #[tokio::test]
 async fn a_failed_store_write_changes_nothing_and_is_reported() {
     let store = Arc::new(FailingStore::new(MemoryStore::new(), 2)); // open + 1 turn
-    let rt = Runtime::builder().store(store.clone()).build().await.unwrap();
+    let rt = Runtime::builder()
+        .store(store.clone())
+        .build()
+        .await
+        .unwrap();
     let s = rt.session("w").open().await.unwrap();
     s.chat("one").await.unwrap();
     let before = s.record().await.unwrap();
@@ -207,7 +249,11 @@ async fn a_failed_store_write_changes_nothing_and_is_reported() {
     store.allow(10);
     s.chat("three").await.unwrap();
     let h = s.history().await.unwrap();
-    let users: Vec<_> = h.iter().filter(|m| m.role == Role::User).map(|m| m.content.as_str()).collect();
+    let users: Vec<_> = h
+        .iter()
+        .filter(|m| m.role == Role::User)
+        .map(|m| m.content.as_str())
+        .collect();
     assert_eq!(users, ["one", "three"]);
 }
 
@@ -221,12 +267,29 @@ async fn two_runtimes_writing_one_session_lose_no_update() {
     sa.chat("from a").await.unwrap();
     // b's actor loaded the session before a's turn: its write is stale and refused.
     let err = sb.chat("from b").await.unwrap_err();
-    assert!(err.to_string().contains("changed by another writer"), "{err}");
+    assert!(
+        err.to_string().contains("changed by another writer"),
+        "{err}"
+    );
     // Retrying activates a fresh actor that sees a's turn.
     sb.chat("from b again").await.unwrap();
     let h = sa.history().await.unwrap_or_default();
-    let h = if h.len() == 4 { h } else { b.session("shared").open().await.unwrap().history().await.unwrap() };
-    let users: Vec<_> = h.iter().filter(|m| m.role == Role::User).map(|m| m.content.as_str()).collect();
+    let h = if h.len() == 4 {
+        h
+    } else {
+        b.session("shared")
+            .open()
+            .await
+            .unwrap()
+            .history()
+            .await
+            .unwrap()
+    };
+    let users: Vec<_> = h
+        .iter()
+        .filter(|m| m.role == Role::User)
+        .map(|m| m.content.as_str())
+        .collect();
     assert_eq!(users, ["from a", "from b again"]);
 }
 
@@ -256,10 +319,16 @@ async fn bad_input_is_refused_clearly() {
     let rt = Runtime::builder().memory_store().build().await.unwrap();
     for bad in ["../etc/passwd", "a/b", "", ".hidden", &"x".repeat(200)] {
         let err = rt.session(bad).open().await.unwrap_err();
-        assert!(matches!(err, Error::InvalidSessionId { .. }), "{bad:?}: {err}");
+        assert!(
+            matches!(err, Error::InvalidSessionId { .. }),
+            "{bad:?}: {err}"
+        );
     }
     let err = rt.session("nobody").existing().open().await.unwrap_err();
-    assert!(matches!(err, Error::SessionNotFound(ref id) if id == "nobody"), "{err}");
+    assert!(
+        matches!(err, Error::SessionNotFound(ref id) if id == "nobody"),
+        "{err}"
+    );
     let s = rt.session("ok").open().await.unwrap();
     let err = s.chat("   ").await.unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
@@ -273,10 +342,20 @@ async fn state_history_and_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let rt = sqlite_rt(dir.path(), None).await;
     let agent = Agent::builder("Tutor").instructions("Teach Rust.").build();
-    let s = rt.session("u1").user("user_1").agent(agent).open().await.unwrap();
+    let s = rt
+        .session("u1")
+        .user("user_1")
+        .agent(agent)
+        .open()
+        .await
+        .unwrap();
     s.update_profile("name", "Alice").await.unwrap();
-    s.update_preference("timezone", "Europe/Paris").await.unwrap();
-    s.set_user_data("plan", serde_json::json!({"tier": "pro"})).await.unwrap();
+    s.update_preference("timezone", "Europe/Paris")
+        .await
+        .unwrap();
+    s.set_user_data("plan", serde_json::json!({"tier": "pro"}))
+        .await
+        .unwrap();
     s.set_metadata("title", "Learning Rust").await.unwrap();
     s.chat("hi").await.unwrap();
     let meta = s.metadata().await.unwrap();
@@ -335,10 +414,25 @@ async fn scope_closes_the_session_even_when_the_body_fails() {
 async fn cleanup_deletes_only_old_sessions() {
     let dir = tempfile::tempdir().unwrap();
     let rt = sqlite_rt(dir.path(), None).await;
-    rt.session("old").open().await.unwrap().chat("x").await.unwrap();
+    rt.session("old")
+        .open()
+        .await
+        .unwrap()
+        .chat("x")
+        .await
+        .unwrap();
     let cutoff_wait = Instant::now();
-    eventually("time to pass", || cutoff_wait.elapsed() > Duration::from_millis(1200)).await;
-    rt.session("new").open().await.unwrap().chat("y").await.unwrap();
+    eventually("time to pass", || {
+        cutoff_wait.elapsed() > Duration::from_millis(1200)
+    })
+    .await;
+    rt.session("new")
+        .open()
+        .await
+        .unwrap()
+        .chat("y")
+        .await
+        .unwrap();
     let deleted = rt.cleanup(Duration::from_secs(1)).await.unwrap();
     assert_eq!(deleted, ["old"]);
     let left: Vec<_> = rt
@@ -366,7 +460,11 @@ async fn the_store_file_is_not_shared_between_sync_modes_by_accident() {
 async fn a_damaged_database_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.db");
-    std::fs::write(&p, b"this is not a database, just text that is long enough to look like one").unwrap();
+    std::fs::write(
+        &p,
+        b"this is not a database, just text that is long enough to look like one",
+    )
+    .unwrap();
     let err = match SqliteStore::open(&p, SyncMode::Full) {
         Ok(_) => panic!("a text file opened as a store"),
         Err(e) => e.to_string(),

@@ -168,7 +168,10 @@ impl AgentSpec {
             if specs.iter().any(|s| s.name == spec.name) {
                 return Err(AgentError::Invalid {
                     path: p.display().to_string(),
-                    reason: format!("field `name`: another file already defines agent '{}'", spec.name),
+                    reason: format!(
+                        "field `name`: another file already defines agent '{}'",
+                        spec.name
+                    ),
                 });
             }
             specs.push(spec);
@@ -199,7 +202,10 @@ impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
             .field("name", &self.spec.name)
-            .field("own_model", &self.model.as_ref().map(|m| m.name().to_string()))
+            .field(
+                "own_model",
+                &self.model.as_ref().map(|m| m.name().to_string()),
+            )
             .finish()
     }
 }
@@ -283,7 +289,10 @@ mod tests {
         let p = dir.path().join("bad.toml");
         std::fs::write(&p, "name = \"x\"\ninstructions = 5\n").unwrap();
         let err = AgentSpec::from_file(&p).unwrap_err().to_string();
-        assert!(err.contains("bad.toml") && err.contains("instructions"), "{err}");
+        assert!(
+            err.contains("bad.toml") && err.contains("instructions"),
+            "{err}"
+        );
         std::fs::write(&p, "name = \"x\"\ninstuctions = \"hi\"\n").unwrap();
         let err = AgentSpec::from_file(&p).unwrap_err().to_string();
         assert!(err.contains("instuctions"), "{err}");

@@ -110,7 +110,11 @@ mod tests {
             ..Default::default()
         };
         let r = EchoModel.complete(&req).await.unwrap();
-        assert!(r.content.starts_with("echo: What's my name?"), "{}", r.content);
+        assert!(
+            r.content.starts_with("echo: What's my name?"),
+            "{}",
+            r.content
+        );
         assert!(r.content.contains("2 earlier messages"), "{}", r.content);
         assert!(r.content.contains("My name is Alice"), "{}", r.content);
     }

@@ -137,7 +137,9 @@ pub trait ChatModel: Send + Sync + 'static {
     /// [`complete`](ChatModel::complete) answer as one piece.
     async fn stream(&self, request: &ChatRequest) -> Result<TextStream, ModelError> {
         let resp = self.complete(request).await?;
-        Ok(Box::pin(futures::stream::once(async move { Ok(resp.content) })))
+        Ok(Box::pin(futures::stream::once(
+            async move { Ok(resp.content) },
+        )))
     }
 
     /// Metadata recorded with each reply (which model, whether offline).

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use chrono::Utc;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -25,7 +24,7 @@ use crate::model::ChatResponse;
 use crate::runtime::{AgentBinding, Core};
 use crate::store::file::SessionDocument;
 use crate::store::{
-    new_segment_id, Commit, LoadedSession, Message, MessageId, Role, Segment, SessionRecord,
+    new_segment_id, now, Commit, LoadedSession, Message, MessageId, Role, Segment, SessionRecord,
     StoreError,
 };
 
@@ -40,6 +39,7 @@ pub struct SessionState {
     pub can_append: bool,
 }
 
+#[allow(clippy::large_enum_variant)] // one per actor, almost always Live
 enum Phase {
     Loading,
     Absent,
@@ -134,7 +134,7 @@ impl SessionActor {
         let me = ctx.address();
         self.core
             .registry
-            .remove_if(&*self.id, |_, addr| *addr == me);
+            .remove_if(&self.id, |_, addr| *addr == me);
         ctx.stop();
     }
 
@@ -152,7 +152,7 @@ impl SessionActor {
         let me = ctx.address();
         self.core
             .registry
-            .remove_if(&*self.id, |_, addr| *addr == me);
+            .remove_if(&self.id, |_, addr| *addr == me);
         ctx.run_later(Duration::ZERO, |_, ctx| ctx.stop());
     }
 
@@ -167,7 +167,7 @@ impl SessionActor {
                     id,
                     session_id: state.record.id.clone(),
                     parent: head,
-                    created_at: Utc::now(),
+                    created_at: now(),
                 };
                 (id, 0, Some(seg))
             }
@@ -308,7 +308,7 @@ impl Handler<Open> for SessionActor {
                 if agents_change {
                     next.agents = names;
                 }
-                next.updated_at = Utc::now();
+                next.updated_at = now();
                 next.state_version += 1;
                 (next, Some(r.state_version))
             }
@@ -381,7 +381,7 @@ impl SessionActor {
             role: Role::User,
             agent: Some(binding.spec.name.clone()),
             content: message,
-            created_at: Utc::now(),
+            created_at: now(),
             meta: None,
         };
         Ok(TurnPlan {
@@ -402,7 +402,7 @@ impl TurnPlan {
         if let (Some(u), Some(obj)) = (resp.usage, meta.as_object_mut()) {
             obj.insert("usage".into(), serde_json::json!(u));
         }
-        let now = Utc::now();
+        let now = now();
         let reply = Message {
             id: self.reply_id,
             parent: Some(self.user.id),
@@ -571,7 +571,8 @@ impl Handler<History> for SessionActor {
         }
         let store = self.core.store.clone();
         AtomicResponse::new(Box::pin(
-            async move { store.history(head, msg.limit).await.map_err(Error::from) }.into_actor(self),
+            async move { store.history(head, msg.limit).await.map_err(Error::from) }
+                .into_actor(self),
         ))
     }
 }
@@ -620,7 +621,7 @@ impl Handler<Update> for SessionActor {
         };
         let mut next = state.record.clone();
         msg.0.apply(&mut next);
-        next.updated_at = Utc::now();
+        next.updated_at = now();
         next.state_version += 1;
         let commit = Commit {
             record: next.clone(),
@@ -667,8 +668,8 @@ impl Handler<SetHistory> for SessionActor {
         };
         let expected = state.record.state_version;
         next.state_version = expected + 1;
-        next.updated_at = Utc::now();
-        let now = Utc::now();
+        next.updated_at = now();
+        let now = now();
         let (new_segment, messages) = if msg.messages.is_empty() {
             (None, Vec::new())
         } else {

@@ -55,7 +55,10 @@ pub(crate) fn build_request(
 ) -> ChatRequest {
     let keep = window.saturating_mul(2).min(recent.len());
     let mut messages = Vec::with_capacity(keep + 2);
-    messages.push(PromptMessage::new(Role::System, system_prompt(spec, record)));
+    messages.push(PromptMessage::new(
+        Role::System,
+        system_prompt(spec, record),
+    ));
     for m in recent.iter().skip(recent.len() - keep) {
         messages.push(PromptMessage {
             role: m.role,

@@ -414,7 +414,9 @@ impl Session {
                         return None;
                     }
                     match rx.recv().await {
-                        Some(Ok(StreamEvent::Done(r))) => Some((Ok(StreamEvent::Done(r)), (rx, true))),
+                        Some(Ok(StreamEvent::Done(r))) => {
+                            Some((Ok(StreamEvent::Done(r)), (rx, true)))
+                        }
                         Some(Err(e)) => Some((Err(e), (rx, true))),
                         Some(ev) => Some((ev, (rx, false))),
                         None => Some((

@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{
-    check_version, CheckpointRecord, Commit, LoadedSession, Message, MessageId, SegmentId,
-    SessionFilter, SessionRecord, SessionSummary, Store, StoreError, Segment,
+    check_version, CheckpointRecord, Commit, LoadedSession, Message, MessageId, Segment, SegmentId,
+    SessionFilter, SessionRecord, SessionSummary, Store, StoreError,
 };
 
 #[derive(Default)]
@@ -107,7 +107,10 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         check_version(
             &commit,
-            inner.sessions.get(&commit.record.id).map(|r| r.state_version),
+            inner
+                .sessions
+                .get(&commit.record.id)
+                .map(|r| r.state_version),
         )?;
         // Validate every message lands at the end of a segment this session owns.
         let mut next: HashMap<SegmentId, usize> = HashMap::new();

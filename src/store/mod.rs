@@ -105,8 +105,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Message>, StoreError>;
 
     /// Sessions matching `filter`, most recently updated first.
-    async fn list_sessions(&self, filter: &SessionFilter)
-        -> Result<Vec<SessionSummary>, StoreError>;
+    async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+    ) -> Result<Vec<SessionSummary>, StoreError>;
 
     /// Deletes a session, its checkpoints and the messages no other session
     /// can reach. Returns whether it existed.

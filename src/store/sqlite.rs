@@ -151,7 +151,11 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         .map_err(|e| err(format!("{e} (is it a SQLite database?)")))?;
     let current: i64 = tx
-        .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+            [],
+            |r| r.get(0),
+        )
         .map_err(|e| err(e.to_string()))?;
     let known = MIGRATIONS.len() as i64;
     if current > known {
@@ -231,7 +235,8 @@ impl SqliteStore {
         {
             let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             let tx = guard.as_ref().ok_or(StoreError::Closed)?;
-            tx.send(WriteJob { op, ack }).map_err(|_| StoreError::Closed)?;
+            tx.send(WriteJob { op, ack })
+                .map_err(|_| StoreError::Closed)?;
         }
         rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -257,7 +262,10 @@ impl SqliteStore {
     /// with [`StoreError::Closed`].
     pub fn close(&self) {
         self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.readers.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
@@ -510,7 +518,11 @@ fn kind_from(code: i64) -> Result<CheckpointKind, StoreError> {
         0 => CheckpointKind::Auto,
         1 => CheckpointKind::Manual,
         2 => CheckpointKind::Version,
-        other => return Err(StoreError::Corrupt(format!("unknown checkpoint kind {other}"))),
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "unknown checkpoint kind {other}"
+            )))
+        }
     })
 }
 
@@ -527,15 +539,21 @@ fn apply_delete(tx: &Transaction<'_>, id: &str) -> Result<bool, StoreError> {
         &format!("DELETE FROM messages WHERE segment IN ({DOOMED})"),
         [key],
     )?;
-    tx.execute(&format!("DELETE FROM segments WHERE id IN ({DOOMED})"), [key])?;
+    tx.execute(
+        &format!("DELETE FROM segments WHERE id IN ({DOOMED})"),
+        [key],
+    )?;
     tx.execute("DELETE FROM checkpoints WHERE session_key=?1", [key])?;
     tx.execute("DELETE FROM sessions WHERE key=?1", [key])?;
     Ok(true)
 }
 
 fn parse_json_map(text: &str, what: &str, session: &str) -> Result<JsonMap, StoreError> {
-    serde_json::from_str(text)
-        .map_err(|e| StoreError::Corrupt(format!("session '{session}': {what} is not a JSON object: {e}")))
+    serde_json::from_str(text).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "session '{session}': {what} is not a JSON object: {e}"
+        ))
+    })
 }
 
 fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, RawRecord)> {
@@ -580,9 +598,8 @@ struct RawRecord {
 
 impl RawRecord {
     fn decode(self) -> Result<SessionRecord, StoreError> {
-        let agents = serde_json::from_str(&self.agents).map_err(|e| {
-            StoreError::Corrupt(format!("session '{}': agents list: {e}", self.id))
-        })?;
+        let agents = serde_json::from_str(&self.agents)
+            .map_err(|e| StoreError::Corrupt(format!("session '{}': agents list: {e}", self.id)))?;
         let head = match (self.head_segment, self.head_seq) {
             (Some(segment), Some(seq)) => Some(MessageId {
                 segment,
@@ -697,7 +714,9 @@ fn read_session(
     recent: usize,
 ) -> Result<Option<LoadedSession>, StoreError> {
     let row = conn
-        .prepare_cached(&format!("SELECT {RECORD_COLUMNS} FROM sessions WHERE id=?1"))?
+        .prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS} FROM sessions WHERE id=?1"
+        ))?
         .query_row([id], row_to_record)
         .optional()?;
     let Some((key, raw)) = row else {
@@ -742,7 +761,9 @@ impl Store for SqliteStore {
     }
 
     async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
-        self.write(WriteOp::Commit(Box::new(commit))).await.map(|_| ())
+        self.write(WriteOp::Commit(Box::new(commit)))
+            .await
+            .map(|_| ())
     }
 
     async fn history(

@@ -18,6 +18,13 @@ use serde::{Deserialize, Serialize};
 /// of this shape. Keys are kept sorted, so serialising one is deterministic.
 pub type JsonMap = serde_json::Map<String, serde_json::Value>;
 
+/// The current time at the precision every store keeps (microseconds), so
+/// that what an actor holds in memory equals what a store gives back.
+pub fn now() -> DateTime<Utc> {
+    let t = Utc::now();
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
 /// Identifies one segment of the message tree.
 pub type SegmentId = i64;
 
@@ -212,7 +219,7 @@ pub struct SessionRecord {
 impl SessionRecord {
     /// A new, empty session record.
     pub fn new(id: impl Into<String>, user_id: Option<String>, agents: Vec<String>) -> Self {
-        let now = Utc::now();
+        let now = now();
         SessionRecord {
             id: id.into(),
             user_id,

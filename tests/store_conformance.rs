@@ -1,0 +1,359 @@
+//! One behaviour contract, every backend: the same checks run against the
+//! in-memory reference model and SQLite (and, when they exist, the others).
+
+use std::sync::Arc;
+
+use chrono::Duration;
+use troupe::store::now as troupe_now;
+use troupe::store::{
+    new_segment_id, CheckpointKind, CheckpointRecord, Commit, MemoryStore, Message, MessageId,
+    Role, Segment, SessionFilter, SessionRecord, SqliteStore, Store, StoreError, SyncMode,
+};
+
+fn msg(id: MessageId, parent: Option<MessageId>, role: Role, content: &str) -> Message {
+    Message {
+        id,
+        parent,
+        role,
+        agent: Some("assistant".into()),
+        content: content.into(),
+        created_at: troupe_now(),
+        meta: Some(serde_json::json!({"model": "echo"})),
+    }
+}
+
+/// A writer of one session, as a session actor would be.
+struct Writer {
+    record: SessionRecord,
+    segment: Option<i64>,
+    next_seq: u32,
+}
+
+impl Writer {
+    async fn create(store: &dyn Store, id: &str) -> Writer {
+        let mut record = SessionRecord::new(id, Some("u".into()), vec!["assistant".into()]);
+        record.state_version = 1;
+        store
+            .commit(Commit {
+                record: record.clone(),
+                expected_version: None,
+                small_state_changed: true,
+                new_segment: None,
+                messages: vec![],
+                checkpoints: vec![],
+            })
+            .await
+            .unwrap();
+        Writer {
+            record,
+            segment: None,
+            next_seq: 0,
+        }
+    }
+
+    /// Appends a user message and a reply; `branch` starts a new segment at the head.
+    async fn turn(
+        &mut self,
+        store: &dyn Store,
+        text: &str,
+        branch: bool,
+    ) -> Result<(), StoreError> {
+        let mut new_segment = None;
+        if branch || self.segment.is_none() {
+            let id = new_segment_id();
+            new_segment = Some(Segment {
+                id,
+                session_id: self.record.id.clone(),
+                parent: self.record.head,
+                created_at: troupe_now(),
+            });
+            self.segment = Some(id);
+            self.next_seq = 0;
+        }
+        let seg = self.segment.unwrap();
+        let u = MessageId {
+            segment: seg,
+            seq: self.next_seq,
+        };
+        let a = MessageId {
+            segment: seg,
+            seq: self.next_seq + 1,
+        };
+        let mut next = self.record.clone();
+        next.head = Some(a);
+        next.interactions += 1;
+        next.state_version += 1;
+        next.updated_at = troupe_now();
+        store
+            .commit(Commit {
+                record: next.clone(),
+                expected_version: Some(self.record.state_version),
+                small_state_changed: false,
+                new_segment,
+                messages: vec![
+                    msg(u, self.record.head, Role::User, text),
+                    msg(a, Some(u), Role::Assistant, &format!("re: {text}")),
+                ],
+                checkpoints: vec![],
+            })
+            .await?;
+        self.record = next;
+        self.next_seq += 2;
+        Ok(())
+    }
+}
+
+async fn contract(store: Arc<dyn Store>) {
+    let s = store.as_ref();
+
+    // Absent sessions are None, not errors.
+    assert!(s.load_session("ghost", 10).await.unwrap().is_none());
+
+    // Create, append, read back.
+    let mut w = Writer::create(s, "alpha").await;
+    for i in 0..5 {
+        w.turn(s, &format!("t{i}"), false).await.unwrap();
+    }
+    let loaded = s.load_session("alpha", 4).await.unwrap().unwrap();
+    assert_eq!(loaded.record, w.record);
+    assert!(loaded.can_append);
+    assert_eq!(loaded.recent.len(), 4);
+    assert_eq!(loaded.recent[3].content, "re: t4");
+    let h = s.history(w.record.head.unwrap(), None).await.unwrap();
+    assert_eq!(h.len(), 10);
+    for (i, m) in h.iter().enumerate() {
+        let expected_parent = if i == 0 { None } else { Some(h[i - 1].id) };
+        assert_eq!(m.parent, expected_parent, "message {i}");
+    }
+    assert_eq!(h[0].meta, Some(serde_json::json!({"model": "echo"})));
+    let tail = s.history(w.record.head.unwrap(), Some(3)).await.unwrap();
+    assert_eq!(tail, h[7..].to_vec());
+
+    // Creating an existing session is a conflict; so is a stale version.
+    let dup = Commit {
+        record: w.record.clone(),
+        expected_version: None,
+        small_state_changed: true,
+        new_segment: None,
+        messages: vec![],
+        checkpoints: vec![],
+    };
+    assert!(matches!(
+        s.commit(dup).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let mut stale = Writer {
+        record: w.record.clone(),
+        segment: w.segment,
+        next_seq: w.next_seq,
+    };
+    stale.record.state_version -= 1;
+    let err = stale.turn(s, "stale", false).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    // ... and it changed nothing.
+    assert_eq!(
+        s.load_session("alpha", 0).await.unwrap().unwrap().record,
+        w.record
+    );
+    assert_eq!(
+        s.history(w.record.head.unwrap(), None).await.unwrap().len(),
+        10
+    );
+
+    // A commit that fails half-way (a message id that exists) leaves nothing behind.
+    let mut next = w.record.clone();
+    next.state_version += 1;
+    next.interactions += 1;
+    let clash = Commit {
+        record: next,
+        expected_version: Some(w.record.state_version),
+        small_state_changed: false,
+        new_segment: None,
+        messages: vec![msg(h[9].id, Some(h[8].id), Role::User, "clash")],
+        checkpoints: vec![],
+    };
+    assert!(s.commit(clash).await.is_err());
+    assert_eq!(
+        s.load_session("alpha", 0).await.unwrap().unwrap().record,
+        w.record
+    );
+    assert_eq!(s.history(h[9].id, None).await.unwrap()[9].content, "re: t4");
+
+    // Branch: a new segment from an earlier message; both paths stay readable.
+    let old_head = w.record.head.unwrap();
+    w.record.head = Some(h[3].id); // as a restore would (state_version unchanged for the store)
+    w.turn(s, "branch", true).await.unwrap();
+    let hb = s.history(w.record.head.unwrap(), None).await.unwrap();
+    assert_eq!(hb.len(), 6);
+    assert_eq!(hb[..4], h[..4]);
+    assert_eq!(hb[4].content, "branch");
+    assert_eq!(hb[4].parent, Some(h[3].id));
+    assert_eq!(s.history(old_head, None).await.unwrap(), h);
+    let loaded = s.load_session("alpha", 100).await.unwrap().unwrap();
+    assert_eq!(loaded.recent, hb);
+    assert!(loaded.can_append);
+
+    // Small state round-trips exactly.
+    let mut next = w.record.clone();
+    next.profile.insert("name".into(), "Ada".into());
+    next.preferences.insert(
+        "lang".into(),
+        serde_json::json!({"code": "en", "n": [1, 2.5]}),
+    );
+    next.user_data.insert("ünïcødé".into(), "✓".into());
+    next.metadata
+        .insert("title".into(), serde_json::Value::Null);
+    next.state_version += 1;
+    s.commit(Commit {
+        record: next.clone(),
+        expected_version: Some(w.record.state_version),
+        small_state_changed: true,
+        new_segment: None,
+        messages: vec![],
+        checkpoints: vec![CheckpointRecord {
+            id: "cp-1".into(),
+            session_id: "alpha".into(),
+            head: next.head,
+            label: Some("before".into()),
+            description: None,
+            kind: CheckpointKind::Manual,
+            state: next.clone(),
+            created_at: troupe_now(),
+        }],
+    })
+    .await
+    .unwrap();
+    w.record = next;
+    assert_eq!(
+        s.load_session("alpha", 0).await.unwrap().unwrap().record,
+        w.record
+    );
+    let cps = s.list_checkpoints("alpha").await.unwrap();
+    assert_eq!(cps.len(), 1);
+    assert_eq!(cps[0].state, w.record);
+    assert_eq!(cps[0].label.as_deref(), Some("before"));
+
+    // Listing: filter by user and age, newest first, limit.
+    let mut other = Writer::create(s, "beta").await;
+    other.record.user_id = None;
+    other.turn(s, "hello", false).await.unwrap();
+    let all = s.list_sessions(&SessionFilter::default()).await.unwrap();
+    assert_eq!(
+        all.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
+        ["beta", "alpha"]
+    );
+    let mine = s
+        .list_sessions(&SessionFilter {
+            user_id: Some("u".into()),
+            limit: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 1);
+    let none = s
+        .list_sessions(&SessionFilter {
+            updated_before: Some(troupe_now() - Duration::hours(1)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+
+    // Deleting one session leaves the other whole, and messages another
+    // session's segment branches from are kept.
+    let mut fork = Writer::create(s, "gamma").await;
+    fork.record.head = Some(h[5].id);
+    fork.turn(s, "forked", true).await.unwrap();
+    assert!(s.delete_session("alpha").await.unwrap());
+    assert!(!s.delete_session("alpha").await.unwrap());
+    assert!(s.load_session("alpha", 1).await.unwrap().is_none());
+    assert!(s.list_checkpoints("alpha").await.unwrap().is_empty());
+    let hf = s.history(fork.record.head.unwrap(), None).await.unwrap();
+    assert_eq!(hf.len(), 8);
+    assert_eq!(hf[..6], h[..6]);
+    assert_eq!(
+        s.history(other.record.head.unwrap(), None)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Many sessions committing at once all land (group commit must not mix them up).
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut w = Writer::create(store.as_ref(), &format!("many-{i}")).await;
+            for t in 0..5 {
+                w.turn(store.as_ref(), &format!("{i}/{t}"), false)
+                    .await
+                    .unwrap();
+            }
+            w.record
+        }));
+    }
+    for t in tasks {
+        let rec = t.await.unwrap();
+        let h = store.history(rec.head.unwrap(), None).await.unwrap();
+        let users: Vec<_> = h
+            .iter()
+            .filter(|m| m.role == Role::User)
+            .map(|m| m.content.clone())
+            .collect();
+        let i = rec.id.trim_start_matches("many-");
+        assert_eq!(
+            users,
+            (0..5).map(|t| format!("{i}/{t}")).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            store
+                .load_session(&rec.id, 0)
+                .await
+                .unwrap()
+                .unwrap()
+                .record,
+            rec
+        );
+    }
+}
+
+#[tokio::test]
+async fn memory_store_meets_the_contract() {
+    contract(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_meets_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    contract(Arc::new(
+        SqliteStore::open(dir.path().join("c.db"), SyncMode::Normal).unwrap(),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_store_meets_the_contract_with_full_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    contract(Arc::new(
+        SqliteStore::open(dir.path().join("c.db"), SyncMode::Full).unwrap(),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_commits_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.db");
+    let record = {
+        let store = SqliteStore::open(&path, SyncMode::Full).unwrap();
+        let mut w = Writer::create(&store, "keep").await;
+        w.turn(&store, "durable", false).await.unwrap();
+        w.record
+    };
+    let store = SqliteStore::open(&path, SyncMode::Full).unwrap();
+    let loaded = store.load_session("keep", 10).await.unwrap().unwrap();
+    assert_eq!(loaded.record, record);
+    assert_eq!(loaded.recent[0].content, "durable");
+}
