@@ -471,3 +471,66 @@ async fn a_damaged_database_is_refused_clearly() {
     };
     assert!(err.contains("bad.db"), "{err}");
 }
+
+#[tokio::test]
+async fn session_files_round_trip_between_runtimes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder().memory_store().build().await.unwrap();
+    let s = rt.session("alice").user("user_a").open().await.unwrap();
+    s.chat("My name is Alice").await.unwrap();
+    s.update_preference("language", "fr").await.unwrap();
+    s.chat("What's my name?").await.unwrap();
+    for name in ["alice.json", "alice.bin"] {
+        let path = dir.path().join(name);
+        s.save(&path).await.unwrap();
+        let other = sqlite_rt(dir.path(), None).await;
+        let again = troupe::Session::load(&other, &path).await.unwrap();
+        assert_eq!(again.id(), "alice");
+        let h1: Vec<_> = s
+            .history()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.role, m.content))
+            .collect();
+        let h2: Vec<_> = again
+            .history()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.role, m.content))
+            .collect();
+        assert_eq!(h1, h2);
+        let rec = again.record().await.unwrap();
+        assert_eq!(rec.preferences["language"], "fr");
+        assert_eq!(rec.user_id.as_deref(), Some("user_a"));
+        assert_eq!(rec.interactions, 2);
+        // The loaded session carries on.
+        again.chat("and now?").await.unwrap();
+        assert_eq!(again.history().await.unwrap().len(), 6);
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_session_file_is_refused_and_the_old_one_still_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder().memory_store().build().await.unwrap();
+    let s = rt.session("bob").open().await.unwrap();
+    s.chat("first").await.unwrap();
+    let path = dir.path().join("bob.json");
+    s.save(&path).await.unwrap();
+    s.chat("second").await.unwrap();
+    s.save(&path).await.unwrap(); // the first save is now bob.json.bak
+                                  // Damage the current file: cut it in half.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let fresh = Runtime::builder().memory_store().build().await.unwrap();
+    let err = troupe::Session::load(&fresh, &path).await.unwrap_err();
+    assert!(matches!(err, Error::File(_)), "{err}");
+    assert!(err.to_string().contains("bob.json"), "{err}");
+    // Nothing was half-loaded.
+    assert!(fresh.session("bob").existing().open().await.is_err());
+    let bak = dir.path().join("bob.json.bak");
+    let old = troupe::Session::load(&fresh, &bak).await.unwrap();
+    assert_eq!(old.history().await.unwrap().len(), 2);
+}
