@@ -65,6 +65,10 @@ pub struct BenchOptions {
     /// Live idle sessions (idle-memory).
     #[arg(long, default_value_t = 100_000)]
     pub idle_sessions: usize,
+    /// Run the throughput workload on the in-memory store instead of SQLite
+    /// (isolates the actors' cost from the store's).
+    #[arg(long)]
+    pub memory_store: bool,
     /// Directory for the benchmark's SQLite files (default: a fresh one in the system temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -81,6 +85,7 @@ impl Default for BenchOptions {
             turns: 20,
             samples: 2000,
             idle_sessions: 100_000,
+            memory_store: false,
             dir: None,
             json: false,
         }
@@ -247,7 +252,16 @@ pub async fn run(config: Config, opts: &BenchOptions) -> Result<BenchReport> {
         report.cold_open = Some(cold_open(&config, &work.path).await?);
     }
     if wants(Scenario::Throughput) {
-        report.throughput = Some(throughput(&config, &work.path, opts.sessions, opts.turns).await?);
+        report.throughput = Some(
+            throughput(
+                &config,
+                &work.path,
+                opts.sessions,
+                opts.turns,
+                opts.memory_store,
+            )
+            .await?,
+        );
     }
     if wants(Scenario::IdleMemory) {
         report.idle_memory = Some(idle_memory(&config, &work.path, opts.idle_sessions).await?);
@@ -356,9 +370,19 @@ async fn throughput(
     dir: &Path,
     sessions: usize,
     turns: usize,
+    memory_store: bool,
 ) -> Result<Throughput> {
     let db = dir.join("w1.db");
-    let rt = runtime(config, &db, SyncMode::Full).await?;
+    let rt = if memory_store {
+        Runtime::builder()
+            .config(config.clone())
+            .memory_store()
+            .model(Arc::new(EchoModel::new()))
+            .build()
+            .await?
+    } else {
+        runtime(config, &db, SyncMode::Full).await?
+    };
     let mut handles = Vec::with_capacity(sessions);
     for i in 0..sessions {
         handles.push(rt.session(format!("w1-{i}")).open().await?);

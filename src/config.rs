@@ -298,11 +298,21 @@ impl Config {
                 reason: reason.into(),
             })
         };
-        if self.sessions.idle_secs.is_nan() || self.sessions.idle_secs <= 0.0 {
+        // Ten years: anything longer is "never" and would overflow timers.
+        const MAX_SECS: f64 = 315_360_000.0;
+        let idle = self.sessions.idle_secs;
+        if !(idle.is_finite() && idle > 0.0 && idle <= MAX_SECS) {
             return invalid(
                 "sessions.idle_secs",
-                self.sessions.idle_secs.to_string(),
-                "must be greater than 0",
+                idle.to_string(),
+                "must be a number of seconds greater than 0 and at most 315360000 (ten years)",
+            );
+        }
+        if self.sessions.ttl_secs as f64 > MAX_SECS {
+            return invalid(
+                "sessions.ttl_secs",
+                self.sessions.ttl_secs.to_string(),
+                "must be at most 315360000 (ten years); 0 means never expire",
             );
         }
         if self.memory.window == 0 {
@@ -347,6 +357,19 @@ mod tests {
         assert_eq!(c.store.sync, SyncMode::Full);
         assert_eq!(c.model.provider, ModelProvider::Echo);
         assert_eq!(c.memory.window, 20);
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_not_panics() {
+        for text in [
+            "[sessions]\nidle_secs = inf\n",
+            "[sessions]\nidle_secs = 0\n",
+            "[sessions]\nttl_secs = 18446744073709551615\n",
+        ] {
+            let c = Config::from_toml_str(text).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("sessions."), "{text}: {err}");
+        }
     }
 
     #[test]

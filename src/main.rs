@@ -414,9 +414,7 @@ async fn sessions(rt: &Runtime, cmd: SessionsCmd) -> troupe::Result<()> {
             json,
         } => {
             let ids = if dry_run {
-                let cutoff = chrono::Utc::now()
-                    - chrono::Duration::from_std(older_than)
-                        .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+                let cutoff = troupe::runtime::cutoff(older_than)?;
                 rt.list_sessions(&SessionFilter {
                     updated_before: Some(cutoff),
                     ..Default::default()

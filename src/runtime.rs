@@ -68,7 +68,7 @@ impl Core {
         }
         let model: Arc<dyn ChatModel> = match &agent.model {
             Some(m) => m.clone(),
-            None if agent.spec.model.is_empty() => self.default_model.clone(),
+            None if !agent.spec.model.needs_own_client() => self.default_model.clone(),
             None => model::from_config(&agent.spec.model.apply(&self.config.model))?,
         };
         let resolved = agent.spec.model.apply(&self.config.model);
@@ -109,20 +109,22 @@ impl Core {
         self.bind(&Agent::from_spec(spec))
     }
     /// See [`Runtime::delete_session`].
-    pub(crate) async fn delete_session(&self, id: &str) -> Result<bool> {
+    pub(crate) async fn delete_session(
+        &self,
+        id: &str,
+        updated_before: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<bool> {
         crate::session::validate_session_id(id)?;
         if let Some(addr) = self.registry.get(id) {
             let _ = addr.send(actor::Passivate).await;
             self.registry.forget(id, &addr);
         }
-        Ok(self.store.delete_session(id).await?)
+        Ok(self.store.delete_session(id, updated_before).await?)
     }
 
     /// See [`Runtime::cleanup`].
     pub(crate) async fn cleanup(&self, older_than: Duration) -> Result<Vec<String>> {
-        let cutoff = chrono::Utc::now()
-            - chrono::Duration::from_std(older_than)
-                .map_err(|e| Error::InvalidRequest(format!("cleanup age: {e}")))?;
+        let cutoff = cutoff(older_than)?;
         let old = self
             .store
             .list_sessions(&SessionFilter {
@@ -132,12 +134,22 @@ impl Core {
             .await?;
         let mut deleted = Vec::new();
         for s in old {
-            if self.delete_session(&s.id).await? {
+            // Re-checked atomically by the store: a turn acknowledged since
+            // the listing keeps the session.
+            if self.delete_session(&s.id, Some(cutoff)).await? {
                 deleted.push(s.id);
             }
         }
         Ok(deleted)
     }
+}
+
+/// Now minus `age`, or a clear error if that is before the calendar's start.
+pub fn cutoff(age: Duration) -> Result<chrono::DateTime<chrono::Utc>> {
+    chrono::Duration::from_std(age)
+        .ok()
+        .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+        .ok_or_else(|| Error::InvalidRequest(format!("age {age:?} is too large")))
 }
 
 struct Inner {
@@ -226,6 +238,7 @@ impl RuntimeBuilder {
             model,
             agents,
         } = self;
+        config.validate()?;
         // Opening SQLite (and migrating) blocks: keep it off async threads.
         let store = match store {
             Some(s) => s,
@@ -389,7 +402,7 @@ impl Runtime {
 
     /// Deletes a session (its live actor first). Returns whether it existed.
     pub async fn delete_session(&self, id: &str) -> Result<bool> {
-        self.inner.core.delete_session(id).await
+        self.inner.core.delete_session(id, None).await
     }
 
     /// Deletes every session not updated for `older_than`. Returns their ids.

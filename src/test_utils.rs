@@ -143,8 +143,12 @@ impl<S: Store> Store for FailingStore<S> {
     ) -> Result<Vec<SessionSummary>, StoreError> {
         self.inner.list_sessions(filter).await
     }
-    async fn delete_session(&self, id: &str) -> Result<bool, StoreError> {
-        self.inner.delete_session(id).await
+    async fn delete_session(
+        &self,
+        id: &str,
+        updated_before: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<bool, StoreError> {
+        self.inner.delete_session(id, updated_before).await
     }
     async fn list_checkpoints(
         &self,

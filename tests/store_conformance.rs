@@ -265,8 +265,22 @@ async fn contract(store: Arc<dyn Store>) {
     let mut fork = Writer::create(s, "gamma").await;
     fork.record.head = Some(h[5].id);
     fork.turn(s, "forked", true).await.unwrap();
-    assert!(s.delete_session("alpha").await.unwrap());
-    assert!(!s.delete_session("alpha").await.unwrap());
+    // A fork of alpha's branch: its history passes through two of alpha's segments.
+    let mut deep = Writer::create(s, "delta").await;
+    deep.record.head = Some(hb[5].id);
+    deep.turn(s, "deep fork", true).await.unwrap();
+    // A conditional delete of a recently updated session does nothing.
+    let long_ago = troupe_now() - Duration::hours(1);
+    assert!(!s.delete_session("alpha", Some(long_ago)).await.unwrap());
+    assert!(s.load_session("alpha", 0).await.unwrap().is_some());
+    assert!(s
+        .delete_session("alpha", Some(troupe_now() + Duration::seconds(1)))
+        .await
+        .unwrap());
+    assert!(!s.delete_session("alpha", None).await.unwrap());
+    let hd = s.history(deep.record.head.unwrap(), None).await.unwrap();
+    assert_eq!(hd.len(), 8);
+    assert_eq!(hd[..6], hb[..]);
     assert!(s.load_session("alpha", 1).await.unwrap().is_none());
     assert!(s.list_checkpoints("alpha").await.unwrap().is_empty());
     let hf = s.history(fork.record.head.unwrap(), None).await.unwrap();

@@ -105,6 +105,18 @@ impl ModelOverrides {
     pub fn is_empty(&self) -> bool {
         self == &ModelOverrides::default()
     }
+
+    /// Whether these overrides need a model client of their own (another
+    /// provider, server, model, key, timeout or retry policy). Sampling
+    /// settings (temperature, max tokens) travel with each request instead.
+    pub fn needs_own_client(&self) -> bool {
+        self.provider.is_some()
+            || self.base_url.is_some()
+            || self.model.is_some()
+            || self.api_key_env.is_some()
+            || self.timeout_secs.is_some()
+            || self.max_retries.is_some()
+    }
 }
 
 /// An agent definition, as in `agents/NAME.toml`.

@@ -128,6 +128,14 @@ impl SessionActor {
         Ok(b)
     }
 
+    /// Prefers these bindings for their agents' names.
+    fn use_agents(&mut self, bindings: &[Arc<AgentBinding>]) {
+        for b in bindings {
+            self.agents.retain(|x| x.spec.name != b.spec.name);
+            self.agents.push(b.clone());
+        }
+    }
+
     /// Stops the actor after taking it out of the registry (only if the
     /// registry still points at this actor).
     fn passivate(&mut self, ctx: &mut Context<Self>) {
@@ -181,16 +189,21 @@ impl SessionActor {
         (new_segment, ids)
     }
 
-    fn apply_messages(&mut self, record: SessionRecord, msgs: Vec<Message>) {
+    fn apply_turn(&mut self, turn: Applied) {
         let cap = self.recent_cap();
+        self.last_active = Instant::now();
         if let Some(state) = self.live_mut() {
             // Invariant: `recent` is the tail of the path ending at the head,
             // and these messages continue from the head.
-            state.recent.extend(msgs);
+            state.recent.extend(turn.messages);
             while state.recent.len() > cap {
                 state.recent.pop_front();
             }
-            state.record = record;
+            let r = &mut state.record;
+            r.head = Some(turn.head);
+            r.interactions = turn.interactions;
+            r.updated_at = turn.updated_at;
+            r.state_version = turn.state_version;
             state.can_append = true;
         }
     }
@@ -278,10 +291,6 @@ impl Handler<Open> for SessionActor {
             self.leave_soon(ctx);
             return done(Err(Error::SessionNotFound(self.id.to_string())));
         }
-        for b in &msg.agents {
-            self.agents.retain(|x| x.spec.name != b.spec.name);
-            self.agents.push(b.clone());
-        }
         let names: Vec<String> = msg.agents.iter().map(|b| b.spec.name.clone()).collect();
         let (next, expected) = match &self.phase {
             Phase::Absent if msg.create => {
@@ -299,7 +308,9 @@ impl Handler<Open> for SessionActor {
                 let user_changes = msg.user_id.is_some() && msg.user_id != r.user_id;
                 let agents_change = !names.is_empty() && names != r.agents;
                 if !user_changes && !agents_change {
-                    return done(Ok(SessionMetadata::from(r)));
+                    let meta = SessionMetadata::from(r);
+                    self.use_agents(&msg.agents);
+                    return done(Ok(meta));
                 }
                 let mut next = r.clone();
                 if user_changes {
@@ -323,7 +334,9 @@ impl Handler<Open> for SessionActor {
             messages: Vec::new(),
             checkpoints: Vec::new(),
         };
+        let bindings = msg.agents;
         commit_then(self, commit, move |act| {
+            act.use_agents(&bindings);
             match &mut act.phase {
                 Phase::Live(s) => s.record = next,
                 _ => {
@@ -350,7 +363,6 @@ pub(crate) struct Chat {
 /// What a turn needs from the actor before the model call.
 struct TurnPlan {
     binding: Arc<AgentBinding>,
-    request: crate::model::ChatRequest,
     user: Message,
     reply_id: MessageId,
     new_segment: Option<Segment>,
@@ -358,7 +370,11 @@ struct TurnPlan {
 }
 
 impl SessionActor {
-    fn plan_turn(&mut self, message: String, agent: Option<&str>) -> Result<TurnPlan> {
+    fn plan_turn(
+        &mut self,
+        message: String,
+        agent: Option<&str>,
+    ) -> Result<(TurnPlan, crate::model::ChatRequest)> {
         if message.trim().is_empty() {
             return Err(Error::InvalidRequest("the message is empty".into()));
         }
@@ -384,32 +400,43 @@ impl SessionActor {
             created_at: now(),
             meta: None,
         };
-        Ok(TurnPlan {
-            binding,
+        Ok((
+            TurnPlan {
+                binding,
+                user,
+                reply_id: ids[1],
+                new_segment,
+                record: state.record.clone(),
+            },
             request,
-            user,
-            reply_id: ids[1],
-            new_segment,
-            record: state.record.clone(),
-        })
+        ))
     }
 }
 
+/// What the actor applies once a turn's commit is durable.
+struct Applied {
+    head: MessageId,
+    updated_at: chrono::DateTime<chrono::Utc>,
+    interactions: u64,
+    state_version: u64,
+    messages: Vec<Message>,
+    reply: ChatReply,
+}
+
 impl TurnPlan {
-    /// The commit of a finished turn and the reply message.
-    fn finish(self, resp: ChatResponse) -> (Commit, Message) {
+    /// The commit of a finished turn, and what to apply once it is durable.
+    fn finish(self, resp: ChatResponse) -> (Commit, Applied) {
         let mut meta = self.binding.model.reply_meta();
         if let (Some(u), Some(obj)) = (resp.usage, meta.as_object_mut()) {
             obj.insert("usage".into(), serde_json::json!(u));
         }
-        let now = now();
         let reply = Message {
             id: self.reply_id,
             parent: Some(self.user.id),
             role: Role::Assistant,
             agent: Some(self.binding.spec.name.clone()),
             content: resp.content,
-            created_at: now.max(self.user.created_at),
+            created_at: now().max(self.user.created_at),
             meta: Some(meta),
         };
         let mut record = self.record;
@@ -418,30 +445,37 @@ impl TurnPlan {
         record.interactions += 1;
         record.updated_at = reply.created_at;
         record.state_version += 1;
+        let messages = vec![self.user, reply];
+        let applied = Applied {
+            head: messages[1].id,
+            updated_at: record.updated_at,
+            interactions: record.interactions,
+            state_version: record.state_version,
+            reply: ChatReply {
+                session_id: record.id.clone(),
+                message_id: messages[1].id,
+                reply: messages[1].content.clone(),
+                agent: self.binding.spec.name.clone(),
+                meta: messages[1].meta.clone(),
+            },
+            messages: messages.clone(),
+        };
         let commit = Commit {
             record,
             expected_version: Some(expected),
             small_state_changed: false,
             new_segment: self.new_segment,
-            messages: vec![self.user, reply.clone()],
+            messages,
             checkpoints: Vec::new(),
         };
-        (commit, reply)
+        (commit, applied)
     }
 }
 
-fn finish_turn(act: &mut SessionActor, commit: Commit) -> ChatReply {
-    let reply = &commit.messages[1];
-    let out = ChatReply {
-        session_id: commit.record.id.clone(),
-        message_id: reply.id,
-        reply: reply.content.clone(),
-        agent: reply.agent.clone().unwrap_or_default(),
-        meta: reply.meta.clone(),
-    };
-    act.last_active = Instant::now();
-    act.apply_messages(commit.record, commit.messages);
-    out
+fn finish_turn(act: &mut SessionActor, applied: Applied) -> ChatReply {
+    let reply = applied.reply.clone();
+    act.apply_turn(applied);
+    reply
 }
 
 impl Handler<Chat> for SessionActor {
@@ -449,7 +483,7 @@ impl Handler<Chat> for SessionActor {
 
     fn handle(&mut self, msg: Chat, _: &mut Context<Self>) -> Self::Result {
         self.last_active = Instant::now();
-        let plan = match self.plan_turn(msg.message, msg.agent.as_deref()) {
+        let (plan, request) = match self.plan_turn(msg.message, msg.agent.as_deref()) {
             Ok(p) => p,
             Err(e) => return done(Err(e)),
         };
@@ -458,16 +492,16 @@ impl Handler<Chat> for SessionActor {
         AtomicResponse::new(Box::pin(
             async move {
                 let resp = addr
-                    .send(Generate(plan.request.clone()))
+                    .send(Generate(request))
                     .await
                     .map_err(|e| crate::model::ModelError::Failed(e.to_string()))??;
-                let (commit, _) = plan.finish(resp);
-                store.commit(commit.clone()).await?;
-                Ok::<_, Error>(commit)
+                let (commit, applied) = plan.finish(resp);
+                store.commit(commit).await?;
+                Ok::<_, Error>(applied)
             }
             .into_actor(self)
             .map(|res, act, ctx| match res {
-                Ok(commit) => Ok(finish_turn(act, commit)),
+                Ok(applied) => Ok(finish_turn(act, applied)),
                 Err(e) => {
                     if matches!(e, Error::Store(StoreError::Conflict { .. })) {
                         act.invalidate(ctx);
@@ -494,7 +528,7 @@ impl Handler<ChatStream> for SessionActor {
     fn handle(&mut self, msg: ChatStream, _: &mut Context<Self>) -> Self::Result {
         self.last_active = Instant::now();
         let tx = msg.tx;
-        let plan = match self.plan_turn(msg.message, msg.agent.as_deref()) {
+        let (plan, request) = match self.plan_turn(msg.message, msg.agent.as_deref()) {
             Ok(p) => p,
             Err(e) => {
                 let _ = tx.send(Err(e));
@@ -507,7 +541,7 @@ impl Handler<ChatStream> for SessionActor {
         AtomicResponse::new(Box::pin(
             async move {
                 let mut stream = addr
-                    .send(GenerateStream(plan.request.clone()))
+                    .send(GenerateStream(request))
                     .await
                     .map_err(|e| crate::model::ModelError::Failed(e.to_string()))??;
                 let mut content = String::new();
@@ -518,18 +552,18 @@ impl Handler<ChatStream> for SessionActor {
                     let _ = tx.send(Ok(StreamEvent::Delta(piece)));
                 }
                 let model = plan.binding.model.name().to_string();
-                let (commit, _) = plan.finish(ChatResponse {
+                let (commit, applied) = plan.finish(ChatResponse {
                     content,
                     model,
                     usage: None,
                 });
-                store.commit(commit.clone()).await?;
-                Ok::<_, Error>(commit)
+                store.commit(commit).await?;
+                Ok::<_, Error>(applied)
             }
             .into_actor(self)
             .map(move |res, act, ctx| {
                 let event = match res {
-                    Ok(commit) => Ok(StreamEvent::Done(finish_turn(act, commit))),
+                    Ok(applied) => Ok(StreamEvent::Done(finish_turn(act, applied))),
                     Err(e) => {
                         if matches!(e, Error::Store(StoreError::Conflict { .. })) {
                             act.invalidate(ctx);

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
 use super::{
     check_version, CheckpointRecord, Commit, LoadedSession, Message, MessageId, Segment, SegmentId,
@@ -186,23 +187,38 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
-    async fn delete_session(&self, id: &str) -> Result<bool, StoreError> {
+    async fn delete_session(
+        &self,
+        id: &str,
+        updated_before: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        if inner.sessions.remove(id).is_none() {
-            return Ok(false);
+        match inner.sessions.get(id) {
+            None => return Ok(false),
+            Some(r) if updated_before.is_some_and(|t| r.updated_at >= t) => return Ok(false),
+            Some(_) => {}
         }
+        inner.sessions.remove(id);
         inner.checkpoints.retain(|c| c.session_id != id);
-        // Keep segments another session's segment branches from.
-        let referenced: HashSet<SegmentId> = inner
-            .segments
-            .values()
-            .filter(|s| s.session_id != id)
-            .filter_map(|s| s.parent.map(|p| p.segment))
-            .collect();
+        // Keep every segment that another session's history passes through:
+        // the ancestors of all other sessions' segments.
+        let mut keep: HashSet<SegmentId> = HashSet::new();
+        for seg in inner.segments.values().filter(|s| s.session_id != id) {
+            let mut parent = seg.parent.map(|p| p.segment);
+            while let Some(p) = parent {
+                if !keep.insert(p) {
+                    break;
+                }
+                parent = inner
+                    .segments
+                    .get(&p)
+                    .and_then(|s| s.parent.map(|m| m.segment));
+            }
+        }
         let doomed: Vec<SegmentId> = inner
             .segments
             .values()
-            .filter(|s| s.session_id == id && !referenced.contains(&s.id))
+            .filter(|s| s.session_id == id && !keep.contains(&s.id))
             .map(|s| s.id)
             .collect();
         for seg in doomed {

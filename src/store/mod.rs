@@ -111,8 +111,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<SessionSummary>, StoreError>;
 
     /// Deletes a session, its checkpoints and the messages no other session
-    /// can reach. Returns whether it existed.
-    async fn delete_session(&self, id: &str) -> Result<bool, StoreError>;
+    /// can reach. With `updated_before`, only if the session was last updated
+    /// before that time (checked in the same atomic step, so a turn that
+    /// lands meanwhile is never deleted). Returns whether it was deleted.
+    async fn delete_session(
+        &self,
+        id: &str,
+        updated_before: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError>;
 
     /// The checkpoints of a session, oldest first.
     async fn list_checkpoints(&self, session_id: &str)
@@ -153,8 +159,12 @@ impl<T: Store + ?Sized> Store for Arc<T> {
     ) -> Result<Vec<SessionSummary>, StoreError> {
         (**self).list_sessions(filter).await
     }
-    async fn delete_session(&self, id: &str) -> Result<bool, StoreError> {
-        (**self).delete_session(id).await
+    async fn delete_session(
+        &self,
+        id: &str,
+        updated_before: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
+        (**self).delete_session(id, updated_before).await
     }
     async fn list_checkpoints(
         &self,

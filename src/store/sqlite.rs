@@ -17,10 +17,12 @@
 //! Migrations are numbered and recorded in `schema_version`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -51,7 +53,7 @@ const MIGRATIONS: &[&str] = &[
     // v1: sessions, the message tree, checkpoints.
     r#"
     CREATE TABLE sessions (
-        key INTEGER PRIMARY KEY,
+        key INTEGER PRIMARY KEY AUTOINCREMENT,
         id TEXT NOT NULL UNIQUE,
         user_id TEXT,
         agents TEXT NOT NULL,
@@ -66,8 +68,7 @@ const MIGRATIONS: &[&str] = &[
         user_data TEXT NOT NULL,
         metadata TEXT NOT NULL
     );
-    CREATE INDEX sessions_user ON sessions(user_id, updated_at);
-    CREATE INDEX sessions_updated ON sessions(updated_at);
+    CREATE INDEX sessions_user ON sessions(user_id);
     CREATE TABLE segments (
         id INTEGER PRIMARY KEY,
         session_key INTEGER NOT NULL,
@@ -103,8 +104,55 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 enum WriteOp {
-    Commit(Box<Commit>),
-    Delete(String),
+    Commit(Box<Encoded>),
+    Delete(String, Option<i64>),
+}
+
+/// A commit with its JSON already encoded, so the single writer thread spends
+/// its time in SQLite, not in serde (encoding runs on the caller's thread).
+struct Encoded {
+    commit: Commit,
+    agents: String,
+    /// profile, preferences, user data, metadata — when they changed (or the session is new).
+    maps: Option<[String; 4]>,
+    metas: Vec<Option<String>>,
+    checkpoint_states: Vec<String>,
+}
+
+impl Encoded {
+    fn new(commit: Commit) -> Result<Encoded, StoreError> {
+        let r = &commit.record;
+        let maps = (commit.small_state_changed || commit.expected_version.is_none()).then(|| {
+            [
+                json_text(&r.profile),
+                json_text(&r.preferences),
+                json_text(&r.user_data),
+                json_text(&r.metadata),
+            ]
+        });
+        let agents = serde_json::to_string(&r.agents).unwrap_or_else(|_| "[]".into());
+        let metas = commit
+            .messages
+            .iter()
+            .map(|m| m.meta.as_ref().map(|v| v.to_string()))
+            .collect();
+        let checkpoint_states = commit
+            .checkpoints
+            .iter()
+            .map(|cp| {
+                serde_json::to_string(&cp.state).map_err(|e| {
+                    StoreError::Database(format!("cannot encode checkpoint state: {e}"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Encoded {
+            commit,
+            agents,
+            maps,
+            metas,
+            checkpoint_states,
+        })
+    }
 }
 
 struct WriteJob {
@@ -187,13 +235,28 @@ impl SqliteStore {
         }
         let mut conn = open_connection(&path, sync)?;
         migrate(&mut conn, &path)?;
+        // Checkpoints run on their own thread (below), not inside a commit.
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")?;
         let mut threads = Vec::new();
 
+        let checkpointer = open_connection(&path, sync)?;
+        let wal_frames = Arc::new(AtomicU64::new(0));
+        let (ctx, crx) = crossbeam_channel::bounded::<()>(1);
+        let frames = wal_frames.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("troupe-sqlite-checkpoint".into())
+                .spawn(move || checkpoint_loop(checkpointer, crx, frames))
+                .map_err(|e| StoreError::Open {
+                    path: path.display().to_string(),
+                    reason: format!("cannot start checkpoint thread: {e}"),
+                })?,
+        );
         let (wtx, wrx) = crossbeam_channel::unbounded::<WriteJob>();
         threads.push(
             std::thread::Builder::new()
                 .name("troupe-sqlite-writer".into())
-                .spawn(move || writer_loop(conn, wrx))
+                .spawn(move || writer_loop(conn, wrx, ctx, wal_frames))
                 .map_err(|e| StoreError::Open {
                     path: path.display().to_string(),
                     reason: format!("cannot start writer thread: {e}"),
@@ -279,7 +342,16 @@ impl Drop for SqliteStore {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: crossbeam_channel::Receiver<WriteJob>) {
+/// WAL frames (pages) past which the writer itself checkpoints, blocking,
+/// because the background checkpointer is not keeping up (about 256 MB).
+const WAL_HARD_LIMIT: u64 = 65_536;
+
+fn writer_loop(
+    mut conn: Connection,
+    rx: crossbeam_channel::Receiver<WriteJob>,
+    checkpoint: crossbeam_channel::Sender<()>,
+    wal_frames: Arc<AtomicU64>,
+) {
     let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -293,11 +365,50 @@ fn writer_loop(mut conn: Connection, rx: crossbeam_channel::Receiver<WriteJob>) 
         for (job, result) in batch.drain(..).zip(results) {
             let _ = job.ack.send(result);
         }
+        // Ask for a checkpoint (coalesced: at most one pending).
+        let _ = checkpoint.try_send(());
+        if wal_frames.load(Ordering::Relaxed) > WAL_HARD_LIMIT {
+            tracing::warn!("WAL over {WAL_HARD_LIMIT} frames: checkpointing in the writer");
+            let _ = conn.execute_batch("PRAGMA wal_checkpoint(RESTART);");
+            wal_frames.store(0, Ordering::Relaxed);
+        }
     }
+    drop(checkpoint);
     // The channel is closed: checkpoint the WAL so the file is self-contained.
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
 }
 
+/// Copies committed WAL pages back into the database file, beside the
+/// writer (a PASSIVE checkpoint never blocks it), so commits never pay for it.
+fn checkpoint_loop(
+    conn: Connection,
+    rx: crossbeam_channel::Receiver<()>,
+    wal_frames: Arc<AtomicU64>,
+) {
+    while rx.recv().is_ok() {
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        }) {
+            Ok((log, done)) => {
+                wal_frames.store(log.saturating_sub(done).max(0) as u64, Ordering::Relaxed)
+            }
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+        }
+    }
+}
+
+fn apply_job(tx: &Transaction<'_>, job: &WriteJob) -> Result<bool, StoreError> {
+    match &job.op {
+        WriteOp::Commit(e) => apply_commit(tx, e).map(|_| true),
+        WriteOp::Delete(id, before) => apply_delete(tx, id, *before),
+    }
+}
+
+/// Applies a batch in one transaction. Fast path: no savepoints — a job that
+/// fails before changing anything (a version conflict is detected by the
+/// first statement) is simply reported. Only if a job fails after changing
+/// rows is the transaction rolled back and the batch redone with one
+/// savepoint per job.
 fn apply_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, StoreError>> {
     let fail_all = |e: &rusqlite::Error| {
         batch
@@ -309,36 +420,61 @@ fn apply_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, St
         Ok(tx) => tx,
         Err(e) => return fail_all(&e),
     };
-    let single = batch.len() == 1;
     let mut results = Vec::with_capacity(batch.len());
+    let mut dirty_failure = false;
     for job in batch {
-        // A lone job needs no savepoint: its failure rolls back the transaction.
-        if !single {
-            if let Err(e) = tx.execute_batch("SAVEPOINT job") {
-                results.push(Err(e.into()));
-                continue;
-            }
-        }
-        let r = match &job.op {
-            WriteOp::Commit(c) => apply_commit(&tx, c).map(|_| true),
-            WriteOp::Delete(id) => apply_delete(&tx, id),
-        };
-        if !single {
-            let end = if r.is_ok() {
-                "RELEASE job"
-            } else {
-                "ROLLBACK TO job; RELEASE job"
-            };
-            if let Err(e) = tx.execute_batch(end) {
-                results.push(Err(e.into()));
-                continue;
-            }
+        let before = tx.total_changes();
+        let r = apply_job(&tx, job);
+        if r.is_err() && tx.total_changes() != before {
+            dirty_failure = true;
+            break;
         }
         results.push(r);
     }
-    if single && results[0].is_err() {
-        let _ = tx.rollback();
-        return results;
+    if !dirty_failure {
+        return match tx.commit() {
+            Ok(()) => results,
+            Err(e) => fail_all(&e),
+        };
+    }
+    if let Err(e) = tx.rollback() {
+        return fail_all(&e);
+    }
+    apply_batch_isolated(conn, batch)
+}
+
+/// The slow path: one savepoint per job, so a failing job is undone alone.
+fn apply_batch_isolated(
+    conn: &mut Connection,
+    batch: &[WriteJob],
+) -> Vec<Result<bool, StoreError>> {
+    let fail_all = |e: &rusqlite::Error| {
+        batch
+            .iter()
+            .map(|_| Err(StoreError::Database(e.to_string())))
+            .collect()
+    };
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(&e),
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+            results.push(Err(e.into()));
+            continue;
+        }
+        let r = apply_job(&tx, job);
+        let end = if r.is_ok() {
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
+        };
+        if let Err(e) = tx.execute_batch(end) {
+            results.push(Err(e.into()));
+            continue;
+        }
+        results.push(r);
     }
     match tx.commit() {
         Ok(()) => results,
@@ -358,15 +494,16 @@ fn split(head: Option<MessageId>) -> (Option<i64>, Option<i64>) {
     }
 }
 
-fn apply_commit(tx: &Transaction<'_>, c: &Commit) -> Result<(), StoreError> {
+fn apply_commit(tx: &Transaction<'_>, e: &Encoded) -> Result<(), StoreError> {
+    let c = &e.commit;
     let r = &c.record;
     let (hs, hq) = split(r.head);
     let now = to_micros(r.updated_at);
     let mut session_key: Option<i64> = None;
+    // The first statement decides a version conflict, before anything changed.
     match c.expected_version {
         Some(expected) => {
-            let changed = if c.small_state_changed {
-                let agents = serde_json::to_string(&r.agents).unwrap_or_else(|_| "[]".into());
+            let changed = if let Some([profile, preferences, user_data, metadata]) = &e.maps {
                 tx.prepare_cached(
                     "UPDATE sessions SET user_id=?1, agents=?2, head_segment=?3, head_seq=?4, \
                      updated_at=?5, interactions=?6, state_version=?7, profile=?8, preferences=?9, \
@@ -374,16 +511,16 @@ fn apply_commit(tx: &Transaction<'_>, c: &Commit) -> Result<(), StoreError> {
                 )?
                 .execute(params![
                     r.user_id,
-                    agents,
+                    e.agents,
                     hs,
                     hq,
                     now,
                     r.interactions as i64,
                     r.state_version as i64,
-                    json_text(&r.profile),
-                    json_text(&r.preferences),
-                    json_text(&r.user_data),
-                    json_text(&r.metadata),
+                    profile,
+                    preferences,
+                    user_data,
+                    metadata,
                     r.id,
                     expected as i64
                 ])?
@@ -420,7 +557,11 @@ fn apply_commit(tx: &Transaction<'_>, c: &Commit) -> Result<(), StoreError> {
                 .query_row([&r.id], |row| row.get(0))
                 .optional()?;
             check_version(c, exists.map(|v| v as u64))?;
-            let agents = serde_json::to_string(&r.agents).unwrap_or_else(|_| "[]".into());
+            let empty = String::from("{}");
+            let [profile, preferences, user_data, metadata] = match &e.maps {
+                Some([a, b, c, d]) => [a, b, c, d],
+                None => [&empty, &empty, &empty, &empty],
+            };
             tx.prepare_cached(
                 "INSERT INTO sessions (id, user_id, agents, head_segment, head_seq, created_at, \
                  updated_at, interactions, state_version, profile, preferences, user_data, metadata) \
@@ -429,17 +570,17 @@ fn apply_commit(tx: &Transaction<'_>, c: &Commit) -> Result<(), StoreError> {
             .execute(params![
                 r.id,
                 r.user_id,
-                agents,
+                e.agents,
                 hs,
                 hq,
                 to_micros(r.created_at),
                 now,
                 r.interactions as i64,
                 r.state_version as i64,
-                json_text(&r.profile),
-                json_text(&r.preferences),
-                json_text(&r.user_data),
-                json_text(&r.metadata),
+                profile,
+                preferences,
+                user_data,
+                metadata,
             ])?;
             session_key = Some(tx.last_insert_rowid());
         }
@@ -468,8 +609,7 @@ fn apply_commit(tx: &Transaction<'_>, c: &Commit) -> Result<(), StoreError> {
             "INSERT INTO messages (segment, seq, role, agent, content, created_at, meta) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
-        for m in &c.messages {
-            let meta = m.meta.as_ref().map(|v| v.to_string());
+        for (m, meta) in c.messages.iter().zip(&e.metas) {
             stmt.execute(params![
                 m.id.segment,
                 m.id.seq as i64,
@@ -481,11 +621,9 @@ fn apply_commit(tx: &Transaction<'_>, c: &Commit) -> Result<(), StoreError> {
             ])?;
         }
     }
-    for cp in &c.checkpoints {
+    for (cp, state) in c.checkpoints.iter().zip(&e.checkpoint_states) {
         let k = key()?;
         let (hs, hq) = split(cp.head);
-        let state = serde_json::to_string(&cp.state)
-            .map_err(|e| StoreError::Database(format!("cannot encode checkpoint state: {e}")))?;
         tx.prepare_cached(
             "INSERT INTO checkpoints (id, session_key, head_segment, head_seq, label, description, \
              kind, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -526,15 +664,25 @@ fn kind_from(code: i64) -> Result<CheckpointKind, StoreError> {
     })
 }
 
-fn apply_delete(tx: &Transaction<'_>, id: &str) -> Result<bool, StoreError> {
+fn apply_delete(
+    tx: &Transaction<'_>,
+    id: &str,
+    updated_before: Option<i64>,
+) -> Result<bool, StoreError> {
     let key: Option<i64> = tx
-        .prepare_cached("SELECT key FROM sessions WHERE id=?1")?
-        .query_row([id], |r| r.get(0))
+        .prepare_cached("SELECT key FROM sessions WHERE id=?1 AND (?2 IS NULL OR updated_at < ?2)")?
+        .query_row(params![id, updated_before], |r| r.get(0))
         .optional()?;
     let Some(key) = key else { return Ok(false) };
-    // Segments of this session that no other session's segment branches from.
-    const DOOMED: &str = "SELECT s.id FROM segments s WHERE s.session_key = ?1 AND NOT EXISTS \
-        (SELECT 1 FROM segments c WHERE c.parent_segment = s.id AND c.session_key != ?1)";
+    // This session's segments except those another session's history passes
+    // through (the ancestors of every other session's segments). Session
+    // keys are never reused (AUTOINCREMENT), so a kept segment's owner key
+    // can never be mistaken for a later session's.
+    const DOOMED: &str = "WITH RECURSIVE keep(id) AS ( \
+          SELECT parent_segment FROM segments WHERE session_key != ?1 AND parent_segment IS NOT NULL \
+          UNION SELECT s.parent_segment FROM segments s JOIN keep k ON s.id = k.id \
+          WHERE s.parent_segment IS NOT NULL) \
+        SELECT id FROM segments WHERE session_key = ?1 AND id NOT IN keep";
     tx.execute(
         &format!("DELETE FROM messages WHERE segment IN ({DOOMED})"),
         [key],
@@ -761,7 +909,8 @@ impl Store for SqliteStore {
     }
 
     async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
-        self.write(WriteOp::Commit(Box::new(commit)))
+        let encoded = Encoded::new(commit)?;
+        self.write(WriteOp::Commit(Box::new(encoded)))
             .await
             .map(|_| ())
     }
@@ -800,8 +949,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn delete_session(&self, id: &str) -> Result<bool, StoreError> {
-        self.write(WriteOp::Delete(id.to_owned())).await
+    async fn delete_session(
+        &self,
+        id: &str,
+        updated_before: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
+        self.write(WriteOp::Delete(
+            id.to_owned(),
+            updated_before.map(to_micros),
+        ))
+        .await
     }
 
     async fn list_checkpoints(
