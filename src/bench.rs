@@ -350,8 +350,14 @@ async fn cold_open(config: &Config, dir: &Path) -> Result<ColdOpen> {
         let rt = runtime(config, &db, SyncMode::Normal).await?;
         let t = Instant::now();
         let s = rt.session("cold").existing().open().await?;
+        let opened = t.elapsed();
         let h = s.history().await?;
         times.push(t.elapsed());
+        tracing::debug!(
+            open_us = opened.as_micros() as u64,
+            total_us = t.elapsed().as_micros() as u64,
+            "cold open"
+        );
         if h.len() != 2000 {
             return Err(Error::Runtime(format!(
                 "cold open read {} messages, expected 2000",
@@ -381,7 +387,11 @@ async fn throughput(
             .build()
             .await?
     } else {
-        runtime(config, &db, SyncMode::Full).await?
+        let sync = match std::env::var("TROUPE_BENCH_SYNC").as_deref() {
+            Ok("normal") => SyncMode::Normal,
+            _ => SyncMode::Full,
+        };
+        runtime(config, &db, sync).await?
     };
     let mut handles = Vec::with_capacity(sessions);
     for i in 0..sessions {

@@ -182,7 +182,7 @@ fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, StoreError
     };
     conn.execute_batch(&format!(
         "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; \
-         PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;"
+         PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY; PRAGMA mmap_size = 1073741824;"
     ))
     .map_err(|e| err(format!("{e} (is it a SQLite database?)")))?;
     Ok(conn)
@@ -270,6 +270,7 @@ impl SqliteStore {
                 std::thread::Builder::new()
                     .name(format!("troupe-sqlite-reader-{i}"))
                     .spawn(move || {
+                        warm_up(&conn);
                         for job in rrx {
                             job(&conn);
                         }
@@ -353,6 +354,7 @@ fn writer_loop(
     wal_frames: Arc<AtomicU64>,
 ) {
     let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
+    let (mut batches, mut jobs) = (0u64, 0u64);
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -361,6 +363,8 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        batches += 1;
+        jobs += batch.len() as u64;
         let results = apply_batch(&mut conn, &batch);
         for (job, result) in batch.drain(..).zip(results) {
             let _ = job.ack.send(result);
@@ -374,9 +378,18 @@ fn writer_loop(
         }
     }
     drop(checkpoint);
+    tracing::debug!(
+        batches,
+        jobs,
+        mean_batch = jobs as f64 / batches.max(1) as f64,
+        "sqlite writer stopping"
+    );
     // The channel is closed: checkpoint the WAL so the file is self-contained.
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
 }
+
+/// How often, at most, the background checkpointer runs.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Copies committed WAL pages back into the database file, beside the
 /// writer (a PASSIVE checkpoint never blocks it), so commits never pay for it.
@@ -386,6 +399,22 @@ fn checkpoint_loop(
     wal_frames: Arc<AtomicU64>,
 ) {
     while rx.recv().is_ok() {
+        // Coalesce: a page rewritten by many commits is copied back once.
+        let deadline = std::time::Instant::now() + CHECKPOINT_EVERY;
+        let mut closed = false;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(()) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => break,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if closed {
+            break;
+        }
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
             Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
         }) {
@@ -725,6 +754,25 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, RawRecord)> 
     ))
 }
 
+const PATH_SQL: &str = "SELECT seq, role, agent, content, created_at, meta FROM messages \
+    WHERE segment=?1 AND seq<=?2 ORDER BY seq DESC LIMIT ?3";
+const TIP_SQL: &str = "SELECT MAX(seq) FROM messages WHERE segment=?1";
+const SEGMENT_SQL: &str =
+    "SELECT session_key, parent_segment, parent_seq FROM segments WHERE id=?1";
+const SESSION_SQL: &str = "SELECT key, id, user_id, agents, head_segment, head_seq, created_at, \
+    updated_at, interactions, state_version, profile, preferences, user_data, metadata \
+    FROM sessions WHERE id=?1";
+
+/// Loads the schema and prepares the hot statements on a fresh reader
+/// connection, so the first session opened after start-up does not pay for it.
+fn warm_up(conn: &Connection) {
+    for sql in [PATH_SQL, TIP_SQL, SEGMENT_SQL, SESSION_SQL] {
+        if let Err(e) = conn.prepare_cached(sql) {
+            tracing::warn!(error = %e, "cannot prepare a store statement");
+        }
+    }
+}
+
 const RECORD_COLUMNS: &str = "key, id, user_id, agents, head_segment, head_seq, created_at, \
     updated_at, interactions, state_version, profile, preferences, user_data, metadata";
 
@@ -775,7 +823,7 @@ impl RawRecord {
 /// The segment's owner and the message it branches from.
 fn segment_meta(conn: &Connection, seg: i64) -> Result<(i64, Option<MessageId>), StoreError> {
     let row: Option<(i64, Option<i64>, Option<i64>)> = conn
-        .prepare_cached("SELECT session_key, parent_segment, parent_seq FROM segments WHERE id=?1")?
+        .prepare_cached(SEGMENT_SQL)?
         .query_row([seg], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let (owner, ps, pq) =
@@ -798,10 +846,7 @@ fn read_path(
 ) -> Result<Vec<Message>, StoreError> {
     let mut out: Vec<Message> = Vec::new();
     let mut cur = Some(head);
-    let mut stmt = conn.prepare_cached(
-        "SELECT seq, role, agent, content, created_at, meta FROM messages \
-         WHERE segment=?1 AND seq<=?2 ORDER BY seq DESC LIMIT ?3",
-    )?;
+    let mut stmt = conn.prepare_cached(PATH_SQL)?;
     while let Some(at) = cur {
         let want = match limit {
             Some(l) if out.len() >= l => break,
@@ -881,7 +926,7 @@ fn read_session(
             };
             let (owner, _) = segment_meta(conn, head.segment)?;
             let tip: Option<i64> = conn
-                .prepare_cached("SELECT MAX(seq) FROM messages WHERE segment=?1")?
+                .prepare_cached(TIP_SQL)?
                 .query_row([head.segment], |r| r.get(0))?;
             (recent, owner == key && tip == Some(head.seq as i64))
         }
