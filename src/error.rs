@@ -52,6 +52,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether another writer changed the session first (the turn was not
+    /// applied; retrying it works against the fresh state).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Store(StoreError::Conflict { .. }))
+    }
+
     /// Whether this is a "not found" of some record (for exit codes and HTTP 404).
     pub fn is_not_found(&self) -> bool {
         matches!(

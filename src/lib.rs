@@ -45,8 +45,10 @@ pub use config::Config;
 pub use error::{Error, Result};
 pub use model::{ChatModel, EchoModel};
 pub use runtime::{Runtime, RuntimeBuilder};
-pub use session::{ChatReply, NewMessage, Session, SessionMetadata, StreamEvent};
-pub use store::{Message, MessageId, Role, Store};
+pub use session::{
+    ChatReply, NewMessage, Session, SessionBuilder, SessionMetadata, StateChange, StreamEvent,
+};
+pub use store::{JsonMap, Message, MessageId, Role, SessionFilter, SessionRecord, Store};
 
 /// Installs the process-wide TLS provider reqwest needs (ring). Idempotent;
 /// the runtime calls it on start, programs may call it earlier.

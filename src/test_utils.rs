@@ -156,4 +156,7 @@ impl<S: Store> Store for FailingStore<S> {
     ) -> Result<Vec<CheckpointRecord>, StoreError> {
         self.inner.list_checkpoints(session_id).await
     }
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
 }

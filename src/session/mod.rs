@@ -399,11 +399,22 @@ impl Session {
         let message = message.into();
         let id = self.id.to_string();
         let core = self.rt.core();
-        let addr = core.registry.activate(&self.id, &core)?;
-        addr.do_send(actor::ChatStream {
-            message,
-            agent: agent.map(str::to_string),
-            tx,
+        core.registry.activate(&self.id, &core)?;
+        // Sent from a task, so that a message racing a passivation is sent
+        // again to a fresh actor, as `chat` does.
+        let this = self.clone();
+        let agent = agent.map(str::to_string);
+        tokio::spawn(async move {
+            let sent = this
+                .call(|| actor::ChatStream {
+                    message: message.clone(),
+                    agent: agent.clone(),
+                    tx: tx.clone(),
+                })
+                .await;
+            if let Err(e) = sent {
+                let _ = tx.send(Err(e));
+            }
         });
         Ok(futures::stream::unfold(
             (rx, false),

@@ -124,8 +124,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_checkpoints(&self, session_id: &str)
         -> Result<Vec<CheckpointRecord>, StoreError>;
 
-    /// Makes everything acknowledged so far durable (a no-op for stores that
-    /// acknowledge only durable writes, which all of ours do).
+    /// Settles everything acknowledged so far: acknowledged writes are
+    /// already durable; SQLite also copies its WAL into the main file.
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }

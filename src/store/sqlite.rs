@@ -17,7 +17,7 @@
 //! Migrations are numbered and recorded in `schema_version`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -106,6 +106,8 @@ const MIGRATIONS: &[&str] = &[
 enum WriteOp {
     Commit(Box<Encoded>),
     Delete(String, Option<i64>),
+    /// Copy the whole WAL into the database file and truncate it.
+    Checkpoint,
 }
 
 /// A commit with its JSON already encoded, so the single writer thread spends
@@ -241,12 +243,14 @@ impl SqliteStore {
 
         let checkpointer = open_connection(&path, sync)?;
         let wal_frames = Arc::new(AtomicU64::new(0));
+        let requested = Arc::new(AtomicBool::new(false));
         let (ctx, crx) = crossbeam_channel::bounded::<()>(1);
         let frames = wal_frames.clone();
+        let req = requested.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("troupe-sqlite-checkpoint".into())
-                .spawn(move || checkpoint_loop(checkpointer, crx, frames))
+                .spawn(move || checkpoint_loop(checkpointer, crx, frames, req))
                 .map_err(|e| StoreError::Open {
                     path: path.display().to_string(),
                     reason: format!("cannot start checkpoint thread: {e}"),
@@ -256,7 +260,7 @@ impl SqliteStore {
         threads.push(
             std::thread::Builder::new()
                 .name("troupe-sqlite-writer".into())
-                .spawn(move || writer_loop(conn, wrx, ctx, wal_frames))
+                .spawn(move || writer_loop(conn, wrx, ctx, wal_frames, requested))
                 .map_err(|e| StoreError::Open {
                     path: path.display().to_string(),
                     reason: format!("cannot start writer thread: {e}"),
@@ -352,6 +356,7 @@ fn writer_loop(
     rx: crossbeam_channel::Receiver<WriteJob>,
     checkpoint: crossbeam_channel::Sender<()>,
     wal_frames: Arc<AtomicU64>,
+    requested: Arc<AtomicBool>,
 ) {
     let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
     let (mut batches, mut jobs) = (0u64, 0u64);
@@ -366,11 +371,20 @@ fn writer_loop(
         batches += 1;
         jobs += batch.len() as u64;
         let results = apply_batch(&mut conn, &batch);
+        if batch.iter().any(|j| matches!(j.op, WriteOp::Checkpoint)) {
+            // A flush: everything acknowledged so far goes into the main file.
+            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+                tracing::warn!(error = %e, "WAL checkpoint (flush) failed");
+            }
+        }
         for (job, result) in batch.drain(..).zip(results) {
             let _ = job.ack.send(result);
         }
-        // Ask for a checkpoint (coalesced: at most one pending).
-        let _ = checkpoint.try_send(());
+        // Ask for a background checkpoint; one request per period wakes the
+        // checkpointer, later ones in the period cost nothing.
+        if !requested.swap(true, Ordering::AcqRel) {
+            let _ = checkpoint.try_send(());
+        }
         if wal_frames.load(Ordering::Relaxed) > WAL_HARD_LIMIT {
             tracing::warn!("WAL over {WAL_HARD_LIMIT} frames: checkpointing in the writer");
             let _ = conn.execute_batch("PRAGMA wal_checkpoint(RESTART);");
@@ -397,6 +411,7 @@ fn checkpoint_loop(
     conn: Connection,
     rx: crossbeam_channel::Receiver<()>,
     wal_frames: Arc<AtomicU64>,
+    requested: Arc<AtomicBool>,
 ) {
     while rx.recv().is_ok() {
         // Coalesce: a page rewritten by many commits is copied back once.
@@ -415,6 +430,7 @@ fn checkpoint_loop(
         if closed {
             break;
         }
+        requested.store(false, Ordering::Release);
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
             Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
         }) {
@@ -430,6 +446,7 @@ fn apply_job(tx: &Transaction<'_>, job: &WriteJob) -> Result<bool, StoreError> {
     match &job.op {
         WriteOp::Commit(e) => apply_commit(tx, e).map(|_| true),
         WriteOp::Delete(id, before) => apply_delete(tx, id, *before),
+        WriteOp::Checkpoint => Ok(true),
     }
 }
 
@@ -1004,6 +1021,10 @@ impl Store for SqliteStore {
             updated_before.map(to_micros),
         ))
         .await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.write(WriteOp::Checkpoint).await.map(|_| ())
     }
 
     async fn list_checkpoints(
