@@ -178,6 +178,23 @@ impl Default for MemoryConfig {
     }
 }
 
+/// `[checkpoint]`: the supervisor's automatic checkpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Take an automatic checkpoint every this many interactions (0 = never).
+    pub every: u64,
+    /// Keep this many automatic checkpoints per session (labelled checkpoints
+    /// and versions are kept until deleted).
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { every: 5, keep: 10 }
+    }
+}
+
 /// `[agents]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -209,6 +226,8 @@ pub struct Config {
     pub sessions: SessionsConfig,
     /// `[memory]`
     pub memory: MemoryConfig,
+    /// `[checkpoint]`
+    pub checkpoint: CheckpointConfig,
     /// `[agents]`
     pub agents: AgentsConfig,
     /// The file this was read from, if any.

@@ -20,6 +20,7 @@
 //!
 //! - [`runtime`]: the [`Runtime`] — actix system, store, agents, registry.
 //! - [`session`]: the [`Session`] handle and the `SessionActor` behind it.
+//! - [`checkpoint`]: checkpoints, versions, branches, fork and merge.
 //! - [`agent`]: agent definitions (`agents/*.toml`) and the `AgentActor`.
 //! - [`model`]: the [`ChatModel`] trait; `echo` and `openai` providers.
 //! - [`store`]: the [`Store`] trait; `memory` and `sqlite` backends; session files.
@@ -30,6 +31,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod model;

@@ -159,4 +159,13 @@ impl<S: Store> Store for FailingStore<S> {
     async fn flush(&self) -> Result<(), StoreError> {
         self.inner.flush().await
     }
+    async fn get_checkpoint(&self, id: &str) -> Result<Option<CheckpointRecord>, StoreError> {
+        self.inner.get_checkpoint(id).await
+    }
+    async fn list_segments(
+        &self,
+        session_id: &str,
+    ) -> Result<Vec<crate::store::SegmentInfo>, StoreError> {
+        self.inner.list_segments(session_id).await
+    }
 }

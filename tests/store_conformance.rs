@@ -41,6 +41,7 @@ impl Writer {
                 new_segment: None,
                 messages: vec![],
                 checkpoints: vec![],
+                drop_checkpoints: vec![],
             })
             .await
             .unwrap();
@@ -95,6 +96,7 @@ impl Writer {
                     msg(a, Some(u), Role::Assistant, &format!("re: {text}")),
                 ],
                 checkpoints: vec![],
+                drop_checkpoints: vec![],
             })
             .await?;
         self.record = next;
@@ -137,6 +139,7 @@ async fn contract(store: Arc<dyn Store>) {
         new_segment: None,
         messages: vec![],
         checkpoints: vec![],
+        drop_checkpoints: vec![],
     };
     assert!(matches!(
         s.commit(dup).await,
@@ -171,6 +174,7 @@ async fn contract(store: Arc<dyn Store>) {
         new_segment: None,
         messages: vec![msg(h[9].id, Some(h[8].id), Role::User, "clash")],
         checkpoints: vec![],
+        drop_checkpoints: vec![],
     };
     assert!(s.commit(clash).await.is_err());
     assert_eq!(
@@ -220,6 +224,7 @@ async fn contract(store: Arc<dyn Store>) {
             state: next.clone(),
             created_at: troupe_now(),
         }],
+        drop_checkpoints: vec![],
     })
     .await
     .unwrap();

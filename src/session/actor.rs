@@ -24,8 +24,8 @@ use crate::model::ChatResponse;
 use crate::runtime::{AgentBinding, Core};
 use crate::store::file::SessionDocument;
 use crate::store::{
-    new_segment_id, now, Commit, LoadedSession, Message, MessageId, Role, Segment, SessionRecord,
-    StoreError,
+    new_segment_id, now, CheckpointKind, CheckpointRecord, Commit, LoadedSession, Message,
+    MessageId, Role, Segment, SessionRecord, StoreError,
 };
 
 /// The plain state a session actor owns; snapshots are of this, never of the actor.
@@ -55,6 +55,9 @@ pub struct SessionActor {
     phase: Phase,
     last_active: Instant,
     agents: Vec<Arc<AgentBinding>>,
+    /// The ids of this session's automatic checkpoints, oldest first (read
+    /// from the store the first time one is taken).
+    auto_ids: Option<VecDeque<String>>,
 }
 
 impl SessionActor {
@@ -66,6 +69,7 @@ impl SessionActor {
             phase: Phase::Loading,
             last_active: Instant::now(),
             agents: Vec::new(),
+            auto_ids: None,
         }
     }
 
@@ -333,6 +337,7 @@ impl Handler<Open> for SessionActor {
             new_segment: None,
             messages: Vec::new(),
             checkpoints: Vec::new(),
+            drop_checkpoints: Vec::new(),
         };
         let bindings = msg.agents;
         commit_then(self, commit, move |act| {
@@ -367,6 +372,9 @@ struct TurnPlan {
     reply_id: MessageId,
     new_segment: Option<Segment>,
     record: SessionRecord,
+    /// An automatic checkpoint is due with this turn: the known automatic
+    /// checkpoint ids (if already read) and how many to keep.
+    auto: Option<(Option<VecDeque<String>>, usize)>,
 }
 
 impl SessionActor {
@@ -391,6 +399,13 @@ impl SessionActor {
             binding.max_tokens,
         );
         let (new_segment, ids) = self.plan(state, 2);
+        let every = self.core.config.checkpoint.every;
+        let auto = (every > 0 && (state.record.interactions + 1) % every == 0).then(|| {
+            (
+                self.auto_ids.clone(),
+                self.core.config.checkpoint.keep.max(1),
+            )
+        });
         let user = Message {
             id: ids[0],
             parent: state.record.head,
@@ -407,6 +422,7 @@ impl SessionActor {
                 reply_id: ids[1],
                 new_segment,
                 record: state.record.clone(),
+                auto,
             },
             request,
         ))
@@ -421,6 +437,8 @@ struct Applied {
     state_version: u64,
     messages: Vec<Message>,
     reply: ChatReply,
+    /// The automatic checkpoint ids after this turn, if it took one.
+    auto_ids: Option<VecDeque<String>>,
 }
 
 impl TurnPlan {
@@ -459,6 +477,7 @@ impl TurnPlan {
                 meta: messages[1].meta.clone(),
             },
             messages: messages.clone(),
+            auto_ids: None,
         };
         let commit = Commit {
             record,
@@ -467,13 +486,60 @@ impl TurnPlan {
             new_segment: self.new_segment,
             messages,
             checkpoints: Vec::new(),
+            drop_checkpoints: Vec::new(),
         };
         (commit, applied)
     }
 }
 
+/// Adds the supervisor's automatic checkpoint to a turn's commit when one is
+/// due — in the same transaction, so it is a consistent cut of whole turns —
+/// and drops the oldest automatic ones past `checkpoint.keep`.
+async fn add_auto_checkpoint(
+    store: &Arc<dyn crate::store::Store>,
+    auto: Option<(Option<VecDeque<String>>, usize)>,
+    commit: &mut Commit,
+    applied: &mut Applied,
+) -> Result<()> {
+    let Some((known, keep)) = auto else {
+        return Ok(());
+    };
+    let mut ids = match known {
+        Some(ids) => ids,
+        None => store
+            .list_checkpoints(&commit.record.id)
+            .await?
+            .into_iter()
+            .filter(|c| c.kind == CheckpointKind::Auto)
+            .map(|c| c.id)
+            .collect(),
+    };
+    while ids.len() >= keep {
+        if let Some(old) = ids.pop_front() {
+            commit.drop_checkpoints.push(old);
+        }
+    }
+    let cp = CheckpointRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        session_id: commit.record.id.clone(),
+        head: commit.record.head,
+        label: None,
+        description: None,
+        kind: CheckpointKind::Auto,
+        state: commit.record.clone(),
+        created_at: commit.record.updated_at,
+    };
+    ids.push_back(cp.id.clone());
+    commit.checkpoints.push(cp);
+    applied.auto_ids = Some(ids);
+    Ok(())
+}
+
 fn finish_turn(act: &mut SessionActor, applied: Applied) -> ChatReply {
     let reply = applied.reply.clone();
+    if applied.auto_ids.is_some() {
+        act.auto_ids = applied.auto_ids.clone();
+    }
     act.apply_turn(applied);
     reply
 }
@@ -495,7 +561,9 @@ impl Handler<Chat> for SessionActor {
                     .send(Generate(request))
                     .await
                     .map_err(|e| crate::model::ModelError::Failed(e.to_string()))??;
-                let (commit, applied) = plan.finish(resp);
+                let auto = plan.auto.clone();
+                let (mut commit, mut applied) = plan.finish(resp);
+                add_auto_checkpoint(&store, auto, &mut commit, &mut applied).await?;
                 store.commit(commit).await?;
                 Ok::<_, Error>(applied)
             }
@@ -552,11 +620,13 @@ impl Handler<ChatStream> for SessionActor {
                     let _ = tx.send(Ok(StreamEvent::Delta(piece)));
                 }
                 let model = plan.binding.model.name().to_string();
-                let (commit, applied) = plan.finish(ChatResponse {
+                let auto = plan.auto.clone();
+                let (mut commit, mut applied) = plan.finish(ChatResponse {
                     content,
                     model,
                     usage: None,
                 });
+                add_auto_checkpoint(&store, auto, &mut commit, &mut applied).await?;
                 store.commit(commit).await?;
                 Ok::<_, Error>(applied)
             }
@@ -664,6 +734,7 @@ impl Handler<Update> for SessionActor {
             new_segment: None,
             messages: Vec::new(),
             checkpoints: Vec::new(),
+            drop_checkpoints: Vec::new(),
         };
         commit_then(self, commit, move |act| {
             if let Some(s) = act.live_mut() {
@@ -746,6 +817,7 @@ impl Handler<SetHistory> for SessionActor {
             new_segment,
             messages: messages.clone(),
             checkpoints: Vec::new(),
+            drop_checkpoints: Vec::new(),
         };
         let cap = self.recent_cap();
         commit_then(self, commit, move |act| {
@@ -798,5 +870,256 @@ impl Handler<Passivate> for SessionActor {
 
     fn handle(&mut self, _: Passivate, ctx: &mut Context<Self>) {
         self.passivate(ctx);
+    }
+}
+
+/// Take a checkpoint now.
+#[derive(Message)]
+#[rtype(result = "Result<CheckpointRecord>")]
+pub(crate) struct TakeCheckpoint {
+    pub label: Option<String>,
+    pub description: Option<String>,
+    pub kind: CheckpointKind,
+}
+
+impl Handler<TakeCheckpoint> for SessionActor {
+    type Result = Reply<CheckpointRecord>;
+
+    fn handle(&mut self, msg: TakeCheckpoint, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let record = match self.live() {
+            Ok(s) => s.record.clone(),
+            Err(e) => return done(Err(e)),
+        };
+        let store = self.core.store.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let mut label = msg.label;
+                if msg.kind == CheckpointKind::Version {
+                    let last = store
+                        .list_checkpoints(&record.id)
+                        .await?
+                        .iter()
+                        .filter_map(crate::checkpoint::Version::from_checkpoint)
+                        .map(|v| v.version)
+                        .max()
+                        .unwrap_or(0);
+                    label = Some(format!("v{}", last + 1));
+                }
+                let cp = CheckpointRecord {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    session_id: record.id.clone(),
+                    head: record.head,
+                    label,
+                    description: msg.description,
+                    kind: msg.kind,
+                    state: record.clone(),
+                    created_at: now(),
+                };
+                let mut next = record;
+                let expected = next.state_version;
+                next.state_version += 1;
+                let version = next.state_version;
+                store
+                    .commit(Commit {
+                        record: next,
+                        expected_version: Some(expected),
+                        small_state_changed: false,
+                        new_segment: None,
+                        messages: Vec::new(),
+                        checkpoints: vec![cp.clone()],
+                        drop_checkpoints: Vec::new(),
+                    })
+                    .await?;
+                Ok::<_, Error>((cp, version))
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| match res {
+                Ok((cp, version)) => {
+                    if let Some(s) = act.live_mut() {
+                        s.record.state_version = version;
+                    }
+                    Ok(cp)
+                }
+                Err(e) => {
+                    if e.is_conflict() {
+                        act.invalidate(ctx);
+                    }
+                    Err(e)
+                }
+            }),
+        ))
+    }
+}
+
+/// Move the head and the small state back to a checkpoint of this session.
+#[derive(Message)]
+#[rtype(result = "Result<SessionMetadata>")]
+pub(crate) struct Restore {
+    pub checkpoint_id: String,
+}
+
+impl Handler<Restore> for SessionActor {
+    type Result = Reply<SessionMetadata>;
+
+    fn handle(&mut self, msg: Restore, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let record = match self.live() {
+            Ok(s) => s.record.clone(),
+            Err(e) => return done(Err(e)),
+        };
+        let store = self.core.store.clone();
+        let cap = self.recent_cap();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let cp = store
+                    .get_checkpoint(&msg.checkpoint_id)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound {
+                        what: "checkpoint",
+                        id: msg.checkpoint_id.clone(),
+                    })?;
+                if cp.session_id != record.id {
+                    return Err(Error::InvalidRequest(format!(
+                        "checkpoint '{}' belongs to session '{}', not '{}' (fork it instead)",
+                        cp.id, cp.session_id, record.id
+                    )));
+                }
+                // Read first: if this fails nothing has changed.
+                let recent = match cp.head {
+                    Some(h) => store.history(h, Some(cap)).await?,
+                    None => Vec::new(),
+                };
+                let mut next = record.clone();
+                next.head = cp.head;
+                next.profile = cp.state.profile;
+                next.preferences = cp.state.preferences;
+                next.user_data = cp.state.user_data;
+                next.metadata = cp.state.metadata;
+                next.interactions = cp.state.interactions;
+                next.updated_at = now();
+                next.state_version = record.state_version + 1;
+                store
+                    .commit(Commit {
+                        record: next.clone(),
+                        expected_version: Some(record.state_version),
+                        small_state_changed: true,
+                        new_segment: None,
+                        messages: Vec::new(),
+                        checkpoints: Vec::new(),
+                        drop_checkpoints: Vec::new(),
+                    })
+                    .await?;
+                Ok::<_, Error>((next, recent))
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| match res {
+                Ok((next, recent)) => {
+                    let meta = SessionMetadata::from(&next);
+                    if let Some(s) = act.live_mut() {
+                        s.record = next;
+                        s.recent = recent.into();
+                        // The next turn starts a new branch; the old one stays.
+                        s.can_append = false;
+                    }
+                    Ok(meta)
+                }
+                Err(e) => {
+                    if e.is_conflict() {
+                        act.invalidate(ctx);
+                    }
+                    Err(e)
+                }
+            }),
+        ))
+    }
+}
+
+/// The branches of the conversation tree.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<crate::checkpoint::Branch>>")]
+pub(crate) struct Branches;
+
+impl Handler<Branches> for SessionActor {
+    type Result = Reply<Vec<crate::checkpoint::Branch>>;
+
+    fn handle(&mut self, _: Branches, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let (id, head) = match self.live() {
+            Ok(s) => (s.record.id.clone(), s.record.head),
+            Err(e) => return done(Err(e)),
+        };
+        let store = self.core.store.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let segments = store.list_segments(&id).await?;
+                let checkpoints = store.list_checkpoints(&id).await?;
+                Ok(crate::checkpoint::branches(&segments, &checkpoints, head))
+            }
+            .into_actor(self),
+        ))
+    }
+}
+
+/// Move the head, keeping the current small state (switching branches).
+#[derive(Message)]
+#[rtype(result = "Result<SessionMetadata>")]
+pub(crate) struct RestoreTo {
+    pub head: Option<MessageId>,
+}
+
+impl Handler<RestoreTo> for SessionActor {
+    type Result = Reply<SessionMetadata>;
+
+    fn handle(&mut self, msg: RestoreTo, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let record = match self.live() {
+            Ok(s) => s.record.clone(),
+            Err(e) => return done(Err(e)),
+        };
+        let store = self.core.store.clone();
+        let cap = self.recent_cap();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let recent = match msg.head {
+                    Some(h) => store.history(h, Some(cap)).await?,
+                    None => Vec::new(),
+                };
+                let mut next = record.clone();
+                next.head = msg.head;
+                next.updated_at = now();
+                next.state_version = record.state_version + 1;
+                store
+                    .commit(Commit {
+                        record: next.clone(),
+                        expected_version: Some(record.state_version),
+                        small_state_changed: false,
+                        new_segment: None,
+                        messages: Vec::new(),
+                        checkpoints: Vec::new(),
+                        drop_checkpoints: Vec::new(),
+                    })
+                    .await?;
+                Ok::<_, Error>((next, recent))
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| match res {
+                Ok((next, recent)) => {
+                    let meta = SessionMetadata::from(&next);
+                    if let Some(s) = act.live_mut() {
+                        s.record = next;
+                        s.recent = recent.into();
+                        s.can_append = false;
+                    }
+                    Ok(meta)
+                }
+                Err(e) => {
+                    if e.is_conflict() {
+                        act.invalidate(ctx);
+                    }
+                    Err(e)
+                }
+            }),
+        ))
     }
 }

@@ -31,9 +31,11 @@ use serde::{Deserialize, Serialize};
 pub use actor::SessionState;
 
 use crate::agent::Agent;
+use crate::checkpoint::{self, Branch, Checkpoint, CheckpointKind, MergeReport, Version};
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
 use crate::store::file::{self, SessionDocument};
+use crate::store::StoreError;
 use crate::store::{JsonMap, Message, MessageId, Role, SessionRecord};
 
 /// The longest session id accepted.
@@ -549,6 +551,188 @@ impl Session {
         Ok(())
     }
 
+    /// Takes a checkpoint labelled `label`: the head plus a snapshot of the
+    /// small state. O(1) whatever the history's length; kept until deleted.
+    pub async fn checkpoint(&self, label: impl Into<String>) -> Result<Checkpoint> {
+        self.checkpoint_with(Some(label.into()), None, CheckpointKind::Manual)
+            .await
+    }
+
+    /// Takes a checkpoint with an optional label and description.
+    pub async fn checkpoint_with(
+        &self,
+        label: Option<String>,
+        description: Option<String>,
+        kind: CheckpointKind,
+    ) -> Result<Checkpoint> {
+        self.call(|| actor::TakeCheckpoint {
+            label: label.clone(),
+            description: description.clone(),
+            kind,
+        })
+        .await?
+    }
+
+    /// The session's checkpoints (automatic, manual and versions), oldest first.
+    pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        Ok(self.rt.store().list_checkpoints(&self.id).await?)
+    }
+
+    /// Moves the head and the small state back to a checkpoint. Nothing is
+    /// deleted: the next turn starts a new branch, and the old branch stays
+    /// reachable (see [`branches`](Self::branches)).
+    pub async fn restore(&self, checkpoint: &Checkpoint) -> Result<SessionMetadata> {
+        self.restore_id(&checkpoint.id).await
+    }
+
+    /// [`restore`](Self::restore) by checkpoint id.
+    pub async fn restore_id(&self, checkpoint_id: &str) -> Result<SessionMetadata> {
+        self.call(|| actor::Restore {
+            checkpoint_id: checkpoint_id.to_string(),
+        })
+        .await?
+    }
+
+    /// Every leaf of the conversation tree, with its head, its last message
+    /// time and the checkpoint it grew from. Switch to one with
+    /// [`switch_branch`](Self::switch_branch).
+    pub async fn branches(&self) -> Result<Vec<Branch>> {
+        self.call(|| actor::Branches).await?
+    }
+
+    /// Makes a branch's leaf the head (a checkpoint of it, then a restore).
+    pub async fn switch_branch(&self, branch: &Branch) -> Result<SessionMetadata> {
+        let known = self.branches().await?;
+        if !known.iter().any(|b| b.head == branch.head) {
+            return Err(Error::InvalidRequest(format!(
+                "{} is not a branch of session '{}'",
+                branch.head, self.id
+            )));
+        }
+        let head = branch.head;
+        self.call(|| actor::RestoreTo { head: Some(head) }).await?
+    }
+
+    /// Saves a numbered version with a description; returns its number.
+    pub async fn save_version(&self, description: impl Into<String>) -> Result<u32> {
+        let cp = self
+            .checkpoint_with(None, Some(description.into()), CheckpointKind::Version)
+            .await?;
+        Version::from_checkpoint(&cp)
+            .map(|v| v.version)
+            .ok_or_else(|| Error::Runtime("a version checkpoint without a number".into()))
+    }
+
+    /// The saved versions, oldest first.
+    pub async fn list_versions(&self) -> Result<Vec<Version>> {
+        let mut v: Vec<Version> = self
+            .checkpoints()
+            .await?
+            .iter()
+            .filter_map(Version::from_checkpoint)
+            .collect();
+        v.sort_by_key(|v| v.version);
+        Ok(v)
+    }
+
+    /// Restores version number `version`.
+    pub async fn restore_version(&self, version: u32) -> Result<SessionMetadata> {
+        let v = self
+            .list_versions()
+            .await?
+            .into_iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| StoreError::NotFound {
+                what: "version",
+                id: format!("{}#{version}", self.id),
+            })?;
+        self.restore_id(&v.checkpoint_id).await
+    }
+
+    /// A new session `new_id` that starts at a checkpoint of this one. The
+    /// messages up to the checkpoint are shared in the store, not copied.
+    pub async fn fork(
+        &self,
+        checkpoint: &Checkpoint,
+        new_id: impl Into<String>,
+    ) -> Result<Session> {
+        self.rt.fork(checkpoint, new_id.into()).await
+    }
+
+    /// A new session `<this id>_merged` holding both histories ordered by
+    /// time and the union of both small states (the more recently updated
+    /// session wins a conflicting key; every conflict is reported).
+    pub async fn merge(&self, other: &Session) -> Result<(Session, MergeReport)> {
+        self.merge_as(other, format!("{}_merged", self.id)).await
+    }
+
+    /// [`merge`](Self::merge) into a session named `new_id`.
+    pub async fn merge_as(
+        &self,
+        other: &Session,
+        new_id: impl Into<String>,
+    ) -> Result<(Session, MergeReport)> {
+        let new_id = new_id.into();
+        validate_session_id(&new_id)?;
+        if self.rt.store().load_session(&new_id, 0).await?.is_some() {
+            return Err(Error::InvalidRequest(format!(
+                "session '{new_id}' already exists; choose another id for the merge"
+            )));
+        }
+        let a = self.export().await?;
+        let b = other.export().await?;
+        let b_newer = b.record.updated_at > a.record.updated_at;
+        let mut conflicts = Vec::new();
+        let mut record = a.record.clone();
+        record.id = new_id.clone();
+        record.profile = checkpoint::merge_maps(
+            "profile",
+            &a.record.profile,
+            &b.record.profile,
+            b_newer,
+            &mut conflicts,
+        );
+        record.preferences = checkpoint::merge_maps(
+            "preferences",
+            &a.record.preferences,
+            &b.record.preferences,
+            b_newer,
+            &mut conflicts,
+        );
+        record.user_data = checkpoint::merge_maps(
+            "user_data",
+            &a.record.user_data,
+            &b.record.user_data,
+            b_newer,
+            &mut conflicts,
+        );
+        record.metadata = checkpoint::merge_maps(
+            "metadata",
+            &a.record.metadata,
+            &b.record.metadata,
+            b_newer,
+            &mut conflicts,
+        );
+        record.metadata.insert(
+            "merged_from".into(),
+            serde_json::json!([a.record.id, b.record.id]),
+        );
+        for agent in &b.record.agents {
+            if !record.agents.contains(agent) {
+                record.agents.push(agent.clone());
+            }
+        }
+        record.interactions = a.record.interactions + b.record.interactions;
+        let history = checkpoint::merge_histories(&a.history, &b.history);
+        let report = MergeReport {
+            session_id: new_id.clone(),
+            messages: history.len(),
+            conflicts,
+        };
+        let merged = self.rt.import(SessionDocument { record, history }).await?;
+        Ok((merged, report))
+    }
+
     /// The session as a document: its record and its history.
     pub async fn export(&self) -> Result<SessionDocument> {
         self.call(|| actor::Export).await?
@@ -580,6 +764,43 @@ impl Session {
 }
 
 impl Runtime {
+    /// A new session `new_id` starting at `checkpoint` (of any session): its
+    /// head is the checkpoint's head (messages shared, not copied) and its
+    /// small state the checkpoint's snapshot.
+    pub async fn fork(&self, checkpoint: &Checkpoint, new_id: String) -> Result<Session> {
+        validate_session_id(&new_id)?;
+        let mut record = checkpoint.state.clone();
+        let at = crate::store::now();
+        record.id = new_id.clone();
+        record.created_at = at;
+        record.updated_at = at;
+        record.head = checkpoint.head;
+        record.state_version = 1;
+        record.metadata.insert(
+            "forked_from".into(),
+            serde_json::json!({"session": checkpoint.session_id, "checkpoint": checkpoint.id}),
+        );
+        let commit = crate::store::Commit {
+            record,
+            expected_version: None,
+            small_state_changed: true,
+            new_segment: None,
+            messages: Vec::new(),
+            checkpoints: Vec::new(),
+            drop_checkpoints: Vec::new(),
+        };
+        match self.store().commit(commit).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict { .. }) => {
+                return Err(Error::InvalidRequest(format!(
+                    "session '{new_id}' already exists; choose another id for the fork"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.session(new_id).existing().open().await
+    }
+
     /// Puts a session document into the store and opens the session.
     pub async fn import(&self, doc: SessionDocument) -> Result<Session> {
         validate_session_id(&doc.record.id)?;

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     check_version, CheckpointRecord, Commit, LoadedSession, Message, MessageId, Segment, SegmentId,
-    SessionFilter, SessionRecord, SessionSummary, Store, StoreError,
+    SegmentInfo, SessionFilter, SessionRecord, SessionSummary, Store, StoreError,
 };
 
 #[derive(Default)]
@@ -153,6 +153,10 @@ impl Store for MemoryStore {
         for m in commit.messages {
             inner.messages.entry(m.id.segment).or_default().push(m);
         }
+        let session = commit.record.id.clone();
+        inner
+            .checkpoints
+            .retain(|c| !(c.session_id == session && commit.drop_checkpoints.contains(&c.id)));
         inner.checkpoints.extend(commit.checkpoints);
         inner
             .sessions
@@ -240,6 +244,31 @@ impl Store for MemoryStore {
             .cloned()
             .collect();
         out.sort_by_key(|c| c.created_at);
+        Ok(out)
+    }
+
+    async fn get_checkpoint(&self, id: &str) -> Result<Option<CheckpointRecord>, StoreError> {
+        Ok(self.lock().checkpoints.iter().find(|c| c.id == id).cloned())
+    }
+
+    async fn list_segments(&self, session_id: &str) -> Result<Vec<SegmentInfo>, StoreError> {
+        let inner = self.lock();
+        let mut out: Vec<SegmentInfo> = inner
+            .segments
+            .values()
+            .filter(|s| s.session_id == session_id)
+            .map(|s| SegmentInfo {
+                id: s.id,
+                parent: s.parent,
+                created_at: s.created_at,
+                tip: inner
+                    .messages
+                    .get(&s.id)
+                    .and_then(|v| v.last())
+                    .map(|m| (m.id, m.created_at)),
+            })
+            .collect();
+        out.sort_by_key(|s| (s.created_at, s.id));
         Ok(out)
     }
 }

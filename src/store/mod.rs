@@ -124,6 +124,12 @@ pub trait Store: Send + Sync + 'static {
     async fn list_checkpoints(&self, session_id: &str)
         -> Result<Vec<CheckpointRecord>, StoreError>;
 
+    /// One checkpoint by id.
+    async fn get_checkpoint(&self, id: &str) -> Result<Option<CheckpointRecord>, StoreError>;
+
+    /// The segments a session owns, with their tips (for branch listings).
+    async fn list_segments(&self, session_id: &str) -> Result<Vec<SegmentInfo>, StoreError>;
+
     /// Settles everything acknowledged so far: acknowledged writes are
     /// already durable; SQLite also copies its WAL into the main file.
     async fn flush(&self) -> Result<(), StoreError> {
@@ -174,6 +180,12 @@ impl<T: Store + ?Sized> Store for Arc<T> {
     }
     async fn flush(&self) -> Result<(), StoreError> {
         (**self).flush().await
+    }
+    async fn get_checkpoint(&self, id: &str) -> Result<Option<CheckpointRecord>, StoreError> {
+        (**self).get_checkpoint(id).await
+    }
+    async fn list_segments(&self, session_id: &str) -> Result<Vec<SegmentInfo>, StoreError> {
+        (**self).list_segments(session_id).await
     }
 }
 

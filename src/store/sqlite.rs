@@ -2,10 +2,14 @@
 //!
 //! All writes go to one writer thread that owns the write connection. It
 //! takes every job waiting in its queue (up to [`MAX_BATCH`]) and applies them
-//! in one transaction, each job inside its own savepoint so that one refused
-//! job (a version conflict) does not fail its neighbours. A job is
-//! acknowledged only after its transaction committed — with `sync = "full"`,
-//! after the fsync. Many sessions' turns so share one fsync (group commit).
+//! in one transaction. A job refused before it changed anything (a version
+//! conflict is decided by its first statement) is simply reported; if a job
+//! fails after changing rows, the transaction is rolled back and the batch
+//! redone with one savepoint per job, so a failing job never takes its
+//! neighbours with it. A job is acknowledged only after its transaction
+//! committed — with `sync = "full"`, after the fsync. Many sessions' turns so
+//! share one fsync (group commit). WAL checkpoints run on a background thread,
+//! never inside a commit.
 //!
 //! Reads run on a small pool of reader threads, each with its own connection
 //! (WAL lets readers run beside the writer). Nothing here ever blocks an actix
@@ -29,8 +33,8 @@ use tokio::sync::oneshot;
 
 use super::{
     check_version, from_micros, to_micros, CheckpointKind, CheckpointRecord, Commit, JsonMap,
-    LoadedSession, Message, MessageId, Role, SessionFilter, SessionRecord, SessionSummary, Store,
-    StoreError,
+    LoadedSession, Message, MessageId, Role, SegmentInfo, SessionFilter, SessionRecord,
+    SessionSummary, Store, StoreError,
 };
 
 /// Most jobs one transaction takes.
@@ -667,6 +671,11 @@ fn apply_commit(tx: &Transaction<'_>, e: &Encoded) -> Result<(), StoreError> {
             ])?;
         }
     }
+    for id in &c.drop_checkpoints {
+        let k = key()?;
+        tx.prepare_cached("DELETE FROM checkpoints WHERE id=?1 AND session_key=?2")?
+            .execute(params![id, k])?;
+    }
     for (cp, state) in c.checkpoints.iter().zip(&e.checkpoint_states) {
         let k = key()?;
         let (hs, hq) = split(cp.head);
@@ -788,6 +797,29 @@ fn warm_up(conn: &Connection) {
             tracing::warn!(error = %e, "cannot prepare a store statement");
         }
     }
+}
+
+const CHECKPOINT_SQL: &str = "SELECT c.id, c.head_segment, c.head_seq, c.label, c.description, \
+    c.kind, c.state, c.created_at, s.id FROM checkpoints c JOIN sessions s ON s.key = c.session_key";
+
+fn checkpoint_row(row: &rusqlite::Row<'_>) -> Result<CheckpointRecord, StoreError> {
+    let hs: Option<i64> = row.get(1)?;
+    let hq: Option<i64> = row.get(2)?;
+    let state: String = row.get(6)?;
+    Ok(CheckpointRecord {
+        id: row.get(0)?,
+        session_id: row.get(8)?,
+        head: hs.zip(hq).map(|(segment, seq)| MessageId {
+            segment,
+            seq: seq as u32,
+        }),
+        label: row.get(3)?,
+        description: row.get(4)?,
+        kind: kind_from(row.get(5)?)?,
+        state: serde_json::from_str(&state)
+            .map_err(|e| StoreError::Corrupt(format!("checkpoint state: {e}")))?,
+        created_at: from_micros(row.get(7)?),
+    })
 }
 
 const RECORD_COLUMNS: &str = "key, id, user_id, agents, head_segment, head_seq, created_at, \
@@ -1033,30 +1065,66 @@ impl Store for SqliteStore {
     ) -> Result<Vec<CheckpointRecord>, StoreError> {
         let session_id = session_id.to_owned();
         self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "{CHECKPOINT_SQL} WHERE s.id = ?1 ORDER BY c.created_at, c.id"
+            ))?;
+            let mut rows = stmt.query([&session_id])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(checkpoint_row(row)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get_checkpoint(&self, id: &str) -> Result<Option<CheckpointRecord>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!("{CHECKPOINT_SQL} WHERE c.id = ?1"))?;
+            let mut rows = stmt.query([&id])?;
+            match rows.next()? {
+                Some(row) => Ok(Some(checkpoint_row(row)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn list_segments(&self, session_id: &str) -> Result<Vec<SegmentInfo>, StoreError> {
+        let session_id = session_id.to_owned();
+        self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT c.id, c.head_segment, c.head_seq, c.label, c.description, c.kind, c.state, \
-                 c.created_at FROM checkpoints c JOIN sessions s ON s.key = c.session_key \
-                 WHERE s.id = ?1 ORDER BY c.created_at, c.id",
+                "SELECT g.id, g.parent_segment, g.parent_seq, g.created_at, \
+                 (SELECT m.seq FROM messages m WHERE m.segment = g.id ORDER BY m.seq DESC LIMIT 1), \
+                 (SELECT m.created_at FROM messages m WHERE m.segment = g.id ORDER BY m.seq DESC LIMIT 1) \
+                 FROM segments g JOIN sessions s ON s.key = g.session_key WHERE s.id = ?1 \
+                 ORDER BY g.created_at, g.id",
             )?;
             let mut rows = stmt.query([&session_id])?;
             let mut out = Vec::new();
             while let Some(row) = rows.next()? {
-                let hs: Option<i64> = row.get(1)?;
-                let hq: Option<i64> = row.get(2)?;
-                let state: String = row.get(6)?;
-                out.push(CheckpointRecord {
-                    id: row.get(0)?,
-                    session_id: session_id.clone(),
-                    head: hs.zip(hq).map(|(segment, seq)| MessageId {
+                let id: i64 = row.get(0)?;
+                let ps: Option<i64> = row.get(1)?;
+                let pq: Option<i64> = row.get(2)?;
+                let tip_seq: Option<i64> = row.get(4)?;
+                let tip_at: Option<i64> = row.get(5)?;
+                out.push(SegmentInfo {
+                    id,
+                    parent: ps.zip(pq).map(|(segment, seq)| MessageId {
                         segment,
                         seq: seq as u32,
                     }),
-                    label: row.get(3)?,
-                    description: row.get(4)?,
-                    kind: kind_from(row.get(5)?)?,
-                    state: serde_json::from_str(&state)
-                        .map_err(|e| StoreError::Corrupt(format!("checkpoint state: {e}")))?,
-                    created_at: from_micros(row.get(7)?),
+                    created_at: from_micros(row.get(3)?),
+                    tip: tip_seq.zip(tip_at).map(|(seq, at)| {
+                        (
+                            MessageId {
+                                segment: id,
+                                seq: seq as u32,
+                            },
+                            from_micros(at),
+                        )
+                    }),
                 });
             }
             Ok(out)

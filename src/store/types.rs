@@ -343,4 +343,20 @@ pub struct Commit {
     pub messages: Vec<Message>,
     /// Checkpoints taken by this write.
     pub checkpoints: Vec<CheckpointRecord>,
+    /// Checkpoints (of this session) deleted by this write, e.g. automatic
+    /// ones past `checkpoint.keep`.
+    pub drop_checkpoints: Vec<String>,
+}
+
+/// A segment of a session, as the branch listing needs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SegmentInfo {
+    /// The segment.
+    pub id: SegmentId,
+    /// The message it branches from.
+    pub parent: Option<MessageId>,
+    /// When it was started.
+    pub created_at: DateTime<Utc>,
+    /// Its last message and that message's time (`None`: no message yet).
+    pub tip: Option<(MessageId, DateTime<Utc>)>,
 }

@@ -1,0 +1,341 @@
+//! Checkpoints, restore, versions, branches, fork and merge; the supervisor's
+//! automatic checkpoints; consistency of a checkpoint taken under load.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use troupe::checkpoint::CheckpointKind;
+use troupe::config::Config;
+use troupe::store::{MemoryStore, Role, SyncMode};
+use troupe::test_utils::ScriptedModel;
+use troupe::{Runtime, Session};
+
+fn contents(h: &[troupe::Message]) -> Vec<String> {
+    h.iter().map(|m| m.content.clone()).collect()
+}
+
+async fn memory_rt() -> Runtime {
+    Runtime::builder()
+        .memory_store()
+        .model(ScriptedModel::new())
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn sqlite_rt(dir: &Path) -> Runtime {
+    let mut c = Config::default();
+    c.store.path = dir.join("cp.db");
+    c.store.sync = SyncMode::Normal;
+    Runtime::builder()
+        .config(c)
+        .model(ScriptedModel::new())
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn journey(rt: &Runtime) {
+    let s = rt.session("alice").open().await.unwrap();
+    s.chat("hello").await.unwrap();
+    s.update_preference("style", "short").await.unwrap();
+    let cp = s.checkpoint("before approach A").await.unwrap();
+    assert_eq!(cp.label.as_deref(), Some("before approach A"));
+    s.chat("What if we use approach A?").await.unwrap();
+    s.update_preference("style", "long").await.unwrap();
+    let meta = s.restore(&cp).await.unwrap();
+    assert_eq!(meta.interactions, 1);
+    assert_eq!(s.preferences().await.unwrap()["style"], "short");
+    assert_eq!(
+        contents(&s.history().await.unwrap()),
+        ["hello", "reply to: hello"]
+    );
+    s.chat("What if we use approach B?").await.unwrap();
+    assert_eq!(
+        contents(&s.history().await.unwrap()),
+        [
+            "hello",
+            "reply to: hello",
+            "What if we use approach B?",
+            "reply to: What if we use approach B?"
+        ]
+    );
+    // Both branches exist, each grown from the checkpoint.
+    let branches = s.branches().await.unwrap();
+    assert_eq!(branches.len(), 2, "{branches:?}");
+    assert!(branches
+        .iter()
+        .all(|b| b.grew_from.as_deref() == Some(cp.id.as_str())));
+    assert_eq!(branches.iter().filter(|b| b.current).count(), 1);
+    // Switch to the A branch: its history is whole again.
+    let a = branches.iter().find(|b| !b.current).unwrap();
+    s.switch_branch(a).await.unwrap();
+    let h = contents(&s.history().await.unwrap());
+    assert_eq!(h[2], "What if we use approach A?");
+    // Versions.
+    let v1 = s.save_version("after onboarding").await.unwrap();
+    s.chat("more").await.unwrap();
+    let v2 = s.save_version("later").await.unwrap();
+    assert_eq!((v1, v2), (1, 2));
+    let versions = s.list_versions().await.unwrap();
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[0].description.as_deref(), Some("after onboarding"));
+    s.restore_version(v1).await.unwrap();
+    assert_eq!(s.history().await.unwrap().len(), 4);
+    assert!(s.restore_version(99).await.is_err());
+    // Fork: a new session at the checkpoint, sharing its messages.
+    let forked = s.fork(&cp, "alice-experiment").await.unwrap();
+    assert_eq!(
+        contents(&forked.history().await.unwrap()),
+        ["hello", "reply to: hello"]
+    );
+    assert_eq!(forked.preferences().await.unwrap()["style"], "short");
+    forked.chat("in the fork").await.unwrap();
+    assert_eq!(forked.history().await.unwrap().len(), 4);
+    // The parent did not see the fork's turn.
+    assert!(!contents(&s.history().await.unwrap()).contains(&"in the fork".to_string()));
+    assert!(
+        s.fork(&cp, "alice-experiment").await.is_err(),
+        "fork onto an existing id"
+    );
+    // A checkpoint of another session cannot be restored here.
+    let other_cp = forked.checkpoint("fork cp").await.unwrap();
+    let err = s.restore(&other_cp).await.unwrap_err();
+    assert!(err.to_string().contains("belongs to session"), "{err}");
+}
+
+#[tokio::test]
+async fn the_checkpoint_journey_on_memory() {
+    journey(&memory_rt().await).await;
+}
+
+#[tokio::test]
+async fn the_checkpoint_journey_on_sqlite_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    journey(&sqlite_rt(dir.path()).await).await;
+    let rt = sqlite_rt(dir.path()).await;
+    let s = rt.session("alice").existing().open().await.unwrap();
+    assert_eq!(s.list_versions().await.unwrap().len(), 2);
+    assert!(s.branches().await.unwrap().len() >= 2);
+    let f = rt
+        .session("alice-experiment")
+        .existing()
+        .open()
+        .await
+        .unwrap();
+    assert_eq!(f.history().await.unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn merge_orders_by_time_unions_state_and_reports_conflicts() {
+    let rt = memory_rt().await;
+    let a = rt.session("a").open().await.unwrap();
+    let b = rt.session("b").open().await.unwrap();
+    a.chat("a1").await.unwrap();
+    b.chat("b1").await.unwrap();
+    a.chat("a2").await.unwrap();
+    a.set_user_data("color", "red").await.unwrap();
+    a.set_user_data("only_a", 1).await.unwrap();
+    b.set_user_data("only_b", 2).await.unwrap();
+    b.set_user_data("color", "blue").await.unwrap(); // b is updated later: b wins
+    let (m, report) = a.merge(&b).await.unwrap();
+    assert_eq!(m.id(), "a_merged");
+    assert_eq!(report.messages, 6);
+    let h = contents(&m.history().await.unwrap());
+    assert_eq!(
+        h,
+        [
+            "a1",
+            "reply to: a1",
+            "b1",
+            "reply to: b1",
+            "a2",
+            "reply to: a2"
+        ]
+    );
+    let ud = m.user_data().await.unwrap();
+    assert_eq!(ud["color"], "blue");
+    assert_eq!(ud["only_a"], 1);
+    assert_eq!(ud["only_b"], 2);
+    assert_eq!(report.conflicts.len(), 1);
+    let c = &report.conflicts[0];
+    assert_eq!((c.key.as_str(), c.winner.as_str()), ("color", "b"));
+    assert_eq!(
+        (c.a.clone(), c.b.clone()),
+        (serde_json::json!("red"), serde_json::json!("blue"))
+    );
+    assert!(a.merge(&b).await.is_err(), "merging onto an existing id");
+}
+
+#[tokio::test]
+async fn the_supervisor_checkpoints_every_n_turns_and_keeps_the_newest() {
+    let mut c = Config::default();
+    c.checkpoint.every = 2;
+    c.checkpoint.keep = 3;
+    let rt = Runtime::builder()
+        .config(c)
+        .memory_store()
+        .model(ScriptedModel::new())
+        .build()
+        .await
+        .unwrap();
+    let s = rt.session("auto").open().await.unwrap();
+    let manual = s.checkpoint("mine").await.unwrap();
+    for i in 0..12 {
+        s.chat(format!("turn {i}")).await.unwrap();
+    }
+    let cps = s.checkpoints().await.unwrap();
+    let autos: Vec<_> = cps
+        .iter()
+        .filter(|c| c.kind == CheckpointKind::Auto)
+        .collect();
+    assert_eq!(autos.len(), 3, "{cps:?}");
+    // The newest three: after turns 8, 10 and 12, each a whole-turn cut.
+    let turns: Vec<u64> = autos.iter().map(|c| c.state.interactions).collect();
+    assert_eq!(turns, [8, 10, 12]);
+    for cp in &autos {
+        let h = rt.store().history(cp.head.unwrap(), None).await.unwrap();
+        assert_eq!(h.len() as u64, cp.state.interactions * 2);
+        assert_eq!(h.last().unwrap().role, Role::Assistant);
+    }
+    assert!(
+        cps.iter().any(|c| c.id == manual.id),
+        "manual checkpoints are kept"
+    );
+}
+
+#[tokio::test]
+async fn a_checkpoint_under_load_is_a_cut_of_whole_turns() {
+    let rt = memory_rt().await;
+    let s = rt.session("busy").open().await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.chat(format!("m{i}")).await.unwrap()
+        }));
+    }
+    let mut cps = Vec::new();
+    for _ in 0..10 {
+        cps.push(s.checkpoint("under load").await.unwrap());
+        tokio::task::yield_now().await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for cp in cps {
+        let h = match cp.head {
+            Some(head) => rt.store().history(head, None).await.unwrap(),
+            None => Vec::new(),
+        };
+        assert_eq!(h.len() % 2, 0);
+        assert_eq!(h.len() as u64, cp.state.interactions * 2);
+        for pair in h.chunks(2) {
+            assert_eq!(pair[1].content, format!("reply to: {}", pair[0].content));
+        }
+    }
+}
+
+#[tokio::test]
+async fn checkpoint_creation_does_not_copy_the_history() {
+    let rt = memory_rt().await;
+    let s = rt.session("long").open().await.unwrap();
+    let msgs: Vec<troupe::NewMessage> = (0..5000)
+        .map(|i| {
+            troupe::NewMessage::new(
+                if i % 2 == 0 {
+                    Role::User
+                } else {
+                    Role::Assistant
+                },
+                format!("m{i}"),
+            )
+        })
+        .collect();
+    s.set_history(msgs).await.unwrap();
+    let cp = s.checkpoint("big").await.unwrap();
+    // The checkpoint holds a head, not messages: its serialised size is tiny.
+    let size = serde_json::to_vec(&cp).unwrap().len();
+    assert!(size < 2_000, "checkpoint is {size} bytes");
+    let fork = s.fork(&cp, "long-fork").await.unwrap();
+    assert_eq!(fork.history().await.unwrap().len(), 5000);
+}
+
+/// A simple model of a session: a list of (user, reply) pairs; checkpoints
+/// are prefixes; restore truncates; fork copies.
+#[derive(Debug, Clone)]
+enum Op {
+    Chat(u8),
+    Checkpoint,
+    Restore(usize),
+    Fork(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => any::<u8>().prop_map(Op::Chat),
+        1 => Just(Op::Checkpoint),
+        1 => (0usize..8).prop_map(Op::Restore),
+        1 => (0usize..8).prop_map(Op::Fork),
+    ]
+}
+
+async fn run_model(ops: Vec<Op>) {
+    let rt = Runtime::builder()
+        .store(Arc::new(MemoryStore::new()))
+        .model(ScriptedModel::new())
+        .build()
+        .await
+        .unwrap();
+    let s = rt.session("p").open().await.unwrap();
+    let mut model: Vec<String> = Vec::new();
+    let mut cps: Vec<(troupe::checkpoint::Checkpoint, Vec<String>)> = Vec::new();
+    let mut forks: Vec<(Session, Vec<String>)> = Vec::new();
+    for (step, op) in ops.into_iter().enumerate() {
+        match op {
+            Op::Chat(n) => {
+                let text = format!("msg {step} {n}");
+                s.chat(text.clone()).await.unwrap();
+                model.push(text.clone());
+                model.push(format!("reply to: {text}"));
+            }
+            Op::Checkpoint => cps.push((
+                s.checkpoint(format!("c{step}")).await.unwrap(),
+                model.clone(),
+            )),
+            Op::Restore(i) if !cps.is_empty() => {
+                let (cp, at) = &cps[i % cps.len()];
+                s.restore(cp).await.unwrap();
+                model = at.clone();
+            }
+            Op::Fork(i) if !cps.is_empty() => {
+                let (cp, at) = &cps[i % cps.len()];
+                let f = s.fork(cp, format!("f{step}")).await.unwrap();
+                f.chat("fork turn").await.unwrap();
+                let mut expect = at.clone();
+                expect.push("fork turn".into());
+                expect.push("reply to: fork turn".into());
+                forks.push((f, expect));
+            }
+            _ => {}
+        }
+        assert_eq!(
+            contents(&s.history().await.unwrap()),
+            model,
+            "after step {step}"
+        );
+    }
+    for (f, expect) in forks {
+        assert_eq!(contents(&f.history().await.unwrap()), expect);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #[test]
+    fn history_matches_a_simple_model(ops in proptest::collection::vec(op(), 1..30)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        rt.block_on(run_model(ops));
+    }
+}
