@@ -34,6 +34,12 @@ enum Command {
     /// List, show, export, import, delete and clean up sessions.
     #[command(subcommand)]
     Sessions(SessionsCmd),
+    /// Checkpoints of a session: create, list, restore.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCmd),
+    /// Numbered versions of a session: list, save, restore.
+    #[command(subcommand)]
+    Versions(VersionsCmd),
     /// The agent definitions (agents/*.toml).
     #[command(subcommand)]
     Agents(AgentsCmd),
@@ -112,6 +118,40 @@ enum SessionsCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The branches of a session's conversation tree.
+    Branches {
+        /// Session id.
+        id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A new session starting at a checkpoint (messages shared, not copied).
+    Fork {
+        /// Session id.
+        id: String,
+        /// Checkpoint id.
+        checkpoint_id: String,
+        /// The new session's id.
+        #[arg(long = "as")]
+        new_id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A new session with both histories by time and both states merged.
+    Merge {
+        /// First session (wins ties).
+        a: String,
+        /// Second session.
+        b: String,
+        /// The new session's id (default: A_merged).
+        #[arg(long = "as")]
+        new_id: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete sessions not updated for a while.
     Cleanup {
         /// Age: 30d, 12h, 15m, 45s (a bare number is seconds).
@@ -120,6 +160,75 @@ enum SessionsCmd {
         /// Only list what would be deleted.
         #[arg(long)]
         dry_run: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckpointCmd {
+    /// Take a checkpoint (O(1), whatever the history's length).
+    Create {
+        /// Session id.
+        session: String,
+        /// A short label.
+        #[arg(long)]
+        label: Option<String>,
+        /// A longer description.
+        #[arg(long)]
+        description: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a session's checkpoints, oldest first.
+    List {
+        /// Session id.
+        session: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move the head and small state back to a checkpoint (nothing is deleted).
+    Restore {
+        /// Session id.
+        session: String,
+        /// Checkpoint id.
+        checkpoint_id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VersionsCmd {
+    /// List the saved versions.
+    List {
+        /// Session id.
+        session: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Save a version with a description.
+    Save {
+        /// Session id.
+        session: String,
+        /// What this version is.
+        #[arg(long, short)]
+        description: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a version by number.
+    Restore {
+        /// Session id.
+        session: String,
+        /// Version number.
+        version: u32,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -208,6 +317,8 @@ async fn dispatch(rt: &Runtime, command: Command) -> troupe::Result<()> {
     match command {
         Command::Chat(args) => chat(rt, args).await,
         Command::Sessions(cmd) => sessions(rt, cmd).await,
+        Command::Checkpoint(cmd) => checkpoints(rt, cmd).await,
+        Command::Versions(cmd) => versions(rt, cmd).await,
         Command::Agents(AgentsCmd::List { json }) => {
             let agents = rt.agents();
             if json {
@@ -408,6 +519,61 @@ async fn sessions(rt: &Runtime, cmd: SessionsCmd) -> troupe::Result<()> {
                 println!("session {id} deleted");
             }
         }
+        SessionsCmd::Branches { id, json } => {
+            let s = rt.session(id.clone()).existing().open().await?;
+            let branches = s.branches().await?;
+            if json {
+                print_json(&json!({"session_id": id, "branches": branches}));
+            } else {
+                for b in branches {
+                    println!(
+                        "{} {:<24} last {}  from {}",
+                        if b.current { "*" } else { " " },
+                        b.head.to_string(),
+                        b.last_message_at
+                            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        b.label.or(b.grew_from).unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+        }
+        SessionsCmd::Fork {
+            id,
+            checkpoint_id,
+            new_id,
+            json,
+        } => {
+            let cp = find_checkpoint(rt, &id, &checkpoint_id).await?;
+            let forked = rt.fork(&cp, new_id).await?;
+            let n = forked.history().await?.len();
+            if json {
+                print_json(&json!({"session_id": forked.id(), "forked_from": id, "checkpoint_id": cp.id, "messages": n}));
+            } else {
+                println!("session {} forked from {id} at {} ({n} messages)", forked.id(), cp.id);
+            }
+        }
+        SessionsCmd::Merge { a, b, new_id, json } => {
+            let sa = rt.session(a.clone()).existing().open().await?;
+            let sb = rt.session(b.clone()).existing().open().await?;
+            let (merged, report) = match new_id {
+                Some(n) => sa.merge_as(&sb, n).await?,
+                None => sa.merge(&sb).await?,
+            };
+            if json {
+                print_json(&json!({"session_id": merged.id(), "messages": report.messages, "conflicts": report.conflicts}));
+            } else {
+                println!(
+                    "session {} merged from {a} and {b}: {} messages, {} conflicting key(s)",
+                    merged.id(),
+                    report.messages,
+                    report.conflicts.len()
+                );
+                for c in report.conflicts {
+                    println!("  {}.{}: {} vs {} -> {}", c.section, c.key, c.a, c.b, c.winner);
+                }
+            }
+        }
         SessionsCmd::Cleanup {
             older_than,
             dry_run,
@@ -452,4 +618,145 @@ mod tests {
         assert!(parse_age("3x").unwrap_err().contains("unknown unit"));
         assert!(parse_age("soon").is_err());
     }
+}
+
+async fn find_checkpoint(
+    rt: &Runtime,
+    session: &str,
+    checkpoint_id: &str,
+) -> troupe::Result<troupe::checkpoint::Checkpoint> {
+    let s = rt.session(session.to_string()).existing().open().await?;
+    s.checkpoints()
+        .await?
+        .into_iter()
+        .find(|c| c.id == checkpoint_id)
+        .ok_or_else(|| {
+            troupe::store::StoreError::NotFound {
+                what: "checkpoint",
+                id: format!("{checkpoint_id} (of session {session})"),
+            }
+            .into()
+        })
+}
+
+fn checkpoint_json(c: &troupe::checkpoint::Checkpoint) -> serde_json::Value {
+    json!({
+        "id": c.id,
+        "session_id": c.session_id,
+        "label": c.label,
+        "description": c.description,
+        "kind": c.kind,
+        "head": c.head,
+        "interactions": c.state.interactions,
+        "created_at": c.created_at,
+    })
+}
+
+async fn checkpoints(rt: &Runtime, cmd: CheckpointCmd) -> troupe::Result<()> {
+    match cmd {
+        CheckpointCmd::Create {
+            session,
+            label,
+            description,
+            json,
+        } => {
+            let s = rt.session(session).existing().open().await?;
+            let cp = s
+                .checkpoint_with(label, description, troupe::checkpoint::CheckpointKind::Manual)
+                .await?;
+            if json {
+                print_json(&checkpoint_json(&cp));
+            } else {
+                println!("checkpoint {} of session {}", cp.id, cp.session_id);
+            }
+        }
+        CheckpointCmd::List { session, json } => {
+            let s = rt.session(session.clone()).existing().open().await?;
+            let list = s.checkpoints().await?;
+            if json {
+                let items: Vec<_> = list.iter().map(checkpoint_json).collect();
+                print_json(&json!({"session_id": session, "checkpoints": items}));
+            } else if list.is_empty() {
+                println!("no checkpoints");
+            } else {
+                for c in list {
+                    println!(
+                        "{}  {:<7} turns {:>4}  {}  {}",
+                        c.id,
+                        format!("{:?}", c.kind).to_lowercase(),
+                        c.state.interactions,
+                        c.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        c.label.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        CheckpointCmd::Restore {
+            session,
+            checkpoint_id,
+            json,
+        } => {
+            let s = rt.session(session).existing().open().await?;
+            let meta = s.restore_id(&checkpoint_id).await?;
+            if json {
+                print_json(&json!({"session": meta, "checkpoint_id": checkpoint_id}));
+            } else {
+                println!(
+                    "session {} restored to {checkpoint_id} ({} turns)",
+                    meta.session_id, meta.interactions
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn versions(rt: &Runtime, cmd: VersionsCmd) -> troupe::Result<()> {
+    match cmd {
+        VersionsCmd::List { session, json } => {
+            let s = rt.session(session.clone()).existing().open().await?;
+            let list = s.list_versions().await?;
+            if json {
+                print_json(&json!({"session_id": session, "versions": list}));
+            } else if list.is_empty() {
+                println!("no versions");
+            } else {
+                for v in list {
+                    println!(
+                        "v{:<4} {}  {}",
+                        v.version,
+                        v.timestamp.format("%Y-%m-%d %H:%M:%S"),
+                        v.description.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        VersionsCmd::Save {
+            session,
+            description,
+            json,
+        } => {
+            let s = rt.session(session.clone()).existing().open().await?;
+            let v = s.save_version(description).await?;
+            if json {
+                print_json(&json!({"session_id": session, "version": v}));
+            } else {
+                println!("session {session}: saved version {v}");
+            }
+        }
+        VersionsCmd::Restore {
+            session,
+            version,
+            json,
+        } => {
+            let s = rt.session(session.clone()).existing().open().await?;
+            let meta = s.restore_version(version).await?;
+            if json {
+                print_json(&json!({"session": meta, "version": version}));
+            } else {
+                println!("session {session} restored to version {version}");
+            }
+        }
+    }
+    Ok(())
 }
