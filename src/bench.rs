@@ -45,6 +45,9 @@ pub enum Scenario {
     ColdOpen,
     /// Resident memory of many idle live sessions.
     IdleMemory,
+    /// Checkpoint create / restore / fork at 10, 10,000 and 100,000 messages
+    /// (W3), and store size with a checkpoint after every turn (W4).
+    Checkpoints,
 }
 
 /// Options of `troupe bench`.
@@ -181,6 +184,30 @@ pub struct IdleMemory {
     pub bytes_per_session: f64,
 }
 
+/// W3 at one history length.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CheckpointCosts {
+    /// Messages in the session.
+    pub messages: usize,
+    /// Create a checkpoint.
+    pub create: Latency,
+    /// Restore an older checkpoint.
+    pub restore: Latency,
+    /// Fork a checkpoint into a new session.
+    pub fork: Latency,
+}
+
+/// W3 and W4.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Checkpoints {
+    /// W3 at 10, 10,000 and 100,000 messages.
+    pub sizes: Vec<CheckpointCosts>,
+    /// W4: store bytes after 1,000 turns with a checkpoint after every turn.
+    pub store_bytes_with_checkpoints: u64,
+    /// The same 1,000 turns without checkpoints.
+    pub store_bytes_without: u64,
+}
+
 /// Everything measured.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct BenchReport {
@@ -194,6 +221,8 @@ pub struct BenchReport {
     pub cold_open: Option<ColdOpen>,
     /// Idle memory.
     pub idle_memory: Option<IdleMemory>,
+    /// W3, W4.
+    pub checkpoints: Option<Checkpoints>,
 }
 
 struct Workdir {
@@ -262,6 +291,9 @@ pub async fn run(config: Config, opts: &BenchOptions) -> Result<BenchReport> {
             )
             .await?,
         );
+    }
+    if wants(Scenario::Checkpoints) {
+        report.checkpoints = Some(checkpoints(&config, &work.path).await?);
     }
     if wants(Scenario::IdleMemory) {
         report.idle_memory = Some(idle_memory(&config, &work.path, opts.idle_sessions).await?);
@@ -470,6 +502,65 @@ async fn idle_memory(config: &Config, dir: &Path, n: usize) -> Result<IdleMemory
     })
 }
 
+async fn checkpoints(config: &Config, dir: &Path) -> Result<Checkpoints> {
+    let mut out = Checkpoints::default();
+    let mut c = config.clone();
+    c.checkpoint.every = 0;
+    for len in [10usize, 10_000, 100_000] {
+        let rt = runtime(&c, &dir.join(format!("w3-{len}.db")), SyncMode::Normal).await?;
+        let s = prefill(&rt, &format!("w3-{len}"), len).await?;
+        let older = s.checkpoint("older").await?;
+        let mut create = Vec::new();
+        for _ in 0..300 {
+            let t = Instant::now();
+            s.checkpoint("bench").await?;
+            create.push(t.elapsed());
+        }
+        let newer = s.checkpoint("newer").await?;
+        let mut restore = Vec::new();
+        for i in 0..300 {
+            let cp = if i % 2 == 0 { &older } else { &newer };
+            let t = Instant::now();
+            s.restore(cp).await?;
+            restore.push(t.elapsed());
+        }
+        let mut fork = Vec::new();
+        for i in 0..100 {
+            let t = Instant::now();
+            rt.fork(&older, format!("w3-{len}-fork-{i}")).await?;
+            fork.push(t.elapsed());
+        }
+        out.sizes.push(CheckpointCosts {
+            messages: len,
+            create: Latency::from(create),
+            restore: Latency::from(restore),
+            fork: Latency::from(fork),
+        });
+    }
+    for with in [true, false] {
+        let db = dir.join(format!("w4-{with}.db"));
+        let rt = runtime(&c, &db, SyncMode::Normal).await?;
+        let s = rt.session("w4").open().await?;
+        for i in 0..1000 {
+            s.chat(format!(
+                "turn {i}: a question of ordinary length for the store"
+            ))
+            .await?;
+            if with {
+                s.checkpoint(format!("after turn {i}")).await?;
+            }
+        }
+        rt.shutdown().await?;
+        let bytes = file_size(&db) + file_size(&db.with_extension("db-wal"));
+        if with {
+            out.store_bytes_with_checkpoints = bytes;
+        } else {
+            out.store_bytes_without = bytes;
+        }
+    }
+    Ok(out)
+}
+
 fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
@@ -538,6 +629,19 @@ pub fn print(report: &BenchReport) {
             "  store {:.1} MB, peak RSS {:.1} MB",
             t.store_bytes as f64 / 1e6,
             t.peak_rss_bytes as f64 / 1e6
+        );
+    }
+    if let Some(c) = &report.checkpoints {
+        println!("checkpoints (W3, sync=normal)");
+        for s in &c.sizes {
+            println!("  {:>7} messages: create p50 {:.1} µs, restore p50 {:.1} µs, fork p50 {:.1} µs (p99 {:.0} / {:.0} / {:.0} µs)",
+                s.messages, s.create.p50_us, s.restore.p50_us, s.fork.p50_us,
+                s.create.p99_us, s.restore.p99_us, s.fork.p99_us);
+        }
+        println!(
+            "  store after 1,000 turns (W4): {:.2} MB with a checkpoint after every turn, {:.2} MB without",
+            c.store_bytes_with_checkpoints as f64 / 1e6,
+            c.store_bytes_without as f64 / 1e6
         );
     }
     if let Some(m) = &report.idle_memory {

@@ -548,9 +548,15 @@ async fn sessions(rt: &Runtime, cmd: SessionsCmd) -> troupe::Result<()> {
             let forked = rt.fork(&cp, new_id).await?;
             let n = forked.history().await?.len();
             if json {
-                print_json(&json!({"session_id": forked.id(), "forked_from": id, "checkpoint_id": cp.id, "messages": n}));
+                print_json(
+                    &json!({"session_id": forked.id(), "forked_from": id, "checkpoint_id": cp.id, "messages": n}),
+                );
             } else {
-                println!("session {} forked from {id} at {} ({n} messages)", forked.id(), cp.id);
+                println!(
+                    "session {} forked from {id} at {} ({n} messages)",
+                    forked.id(),
+                    cp.id
+                );
             }
         }
         SessionsCmd::Merge { a, b, new_id, json } => {
@@ -561,7 +567,9 @@ async fn sessions(rt: &Runtime, cmd: SessionsCmd) -> troupe::Result<()> {
                 None => sa.merge(&sb).await?,
             };
             if json {
-                print_json(&json!({"session_id": merged.id(), "messages": report.messages, "conflicts": report.conflicts}));
+                print_json(
+                    &json!({"session_id": merged.id(), "messages": report.messages, "conflicts": report.conflicts}),
+                );
             } else {
                 println!(
                     "session {} merged from {a} and {b}: {} messages, {} conflicting key(s)",
@@ -570,7 +578,10 @@ async fn sessions(rt: &Runtime, cmd: SessionsCmd) -> troupe::Result<()> {
                     report.conflicts.len()
                 );
                 for c in report.conflicts {
-                    println!("  {}.{}: {} vs {} -> {}", c.section, c.key, c.a, c.b, c.winner);
+                    println!(
+                        "  {}.{}: {} vs {} -> {}",
+                        c.section, c.key, c.a, c.b, c.winner
+                    );
                 }
             }
         }
@@ -662,7 +673,11 @@ async fn checkpoints(rt: &Runtime, cmd: CheckpointCmd) -> troupe::Result<()> {
         } => {
             let s = rt.session(session).existing().open().await?;
             let cp = s
-                .checkpoint_with(label, description, troupe::checkpoint::CheckpointKind::Manual)
+                .checkpoint_with(
+                    label,
+                    description,
+                    troupe::checkpoint::CheckpointKind::Manual,
+                )
                 .await?;
             if json {
                 print_json(&checkpoint_json(&cp));
