@@ -617,20 +617,6 @@ async fn sessions(rt: &Runtime, cmd: SessionsCmd) -> troupe::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_age;
-    use std::time::Duration;
-
-    #[test]
-    fn ages() {
-        assert_eq!(parse_age("30d").unwrap(), Duration::from_secs(30 * 86_400));
-        assert_eq!(parse_age("45").unwrap(), Duration::from_secs(45));
-        assert!(parse_age("3x").unwrap_err().contains("unknown unit"));
-        assert!(parse_age("soon").is_err());
-    }
-}
-
 async fn find_checkpoint(
     rt: &Runtime,
     session: &str,
@@ -774,4 +760,18 @@ async fn versions(rt: &Runtime, cmd: VersionsCmd) -> troupe::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_age;
+    use std::time::Duration;
+
+    #[test]
+    fn ages() {
+        assert_eq!(parse_age("30d").unwrap(), Duration::from_secs(30 * 86_400));
+        assert_eq!(parse_age("45").unwrap(), Duration::from_secs(45));
+        assert!(parse_age("3x").unwrap_err().contains("unknown unit"));
+        assert!(parse_age("soon").is_err());
+    }
 }
