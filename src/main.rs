@@ -126,6 +126,14 @@ enum SessionsCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Delete the messages nothing reaches any more (no head, checkpoint, version or fork).
+    Gc {
+        /// Session id.
+        id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// A new session starting at a checkpoint (messages shared, not copied).
     Fork {
         /// Session id.
@@ -186,6 +194,16 @@ enum CheckpointCmd {
     List {
         /// Session id.
         session: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a checkpoint (what only it kept reachable goes at the next `sessions gc`).
+    Rm {
+        /// Session id.
+        session: String,
+        /// Checkpoint id.
+        checkpoint_id: String,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -538,6 +556,18 @@ async fn sessions(rt: &Runtime, cmd: SessionsCmd) -> troupe::Result<()> {
                 }
             }
         }
+        SessionsCmd::Gc { id, json } => {
+            let s = rt.session(id.clone()).existing().open().await?;
+            let r = s.collect_garbage().await?;
+            if json {
+                print_json(&json!({"session_id": id, "report": r}));
+            } else {
+                println!(
+                    "session {id}: {} message(s) deleted ({} segment(s) trimmed, {} deleted)",
+                    r.messages_deleted, r.segments_trimmed, r.segments_deleted
+                );
+            }
+        }
         SessionsCmd::Fork {
             id,
             checkpoint_id,
@@ -690,6 +720,25 @@ async fn checkpoints(rt: &Runtime, cmd: CheckpointCmd) -> troupe::Result<()> {
                         c.label.unwrap_or_default()
                     );
                 }
+            }
+        }
+        CheckpointCmd::Rm {
+            session,
+            checkpoint_id,
+            json,
+        } => {
+            let s = rt.session(session.clone()).existing().open().await?;
+            if !s.delete_checkpoint(&checkpoint_id).await? {
+                return Err(troupe::store::StoreError::NotFound {
+                    what: "checkpoint",
+                    id: format!("{checkpoint_id} (of session {session})"),
+                }
+                .into());
+            }
+            if json {
+                print_json(&json!({"deleted": checkpoint_id, "session_id": session}));
+            } else {
+                println!("checkpoint {checkpoint_id} deleted");
             }
         }
         CheckpointCmd::Restore {

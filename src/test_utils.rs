@@ -168,4 +168,14 @@ impl<S: Store> Store for FailingStore<S> {
     ) -> Result<Vec<crate::store::SegmentInfo>, StoreError> {
         self.inner.list_segments(session_id).await
     }
+    async fn external_refs(&self, session_id: &str) -> Result<Vec<MessageId>, StoreError> {
+        self.inner.external_refs(session_id).await
+    }
+    async fn trim_segments(
+        &self,
+        session_id: &str,
+        plan: Vec<(crate::store::SegmentId, Option<u32>)>,
+    ) -> Result<u64, StoreError> {
+        self.inner.trim_segments(session_id, plan).await
+    }
 }

@@ -339,3 +339,62 @@ proptest! {
         rt.block_on(run_model(ops));
     }
 }
+
+async fn gc_scenario(rt: &Runtime) {
+    let s = rt.session("g").open().await.unwrap();
+    s.chat("one").await.unwrap();
+    s.chat("two").await.unwrap();
+    let cp1 = s.checkpoint("cp1").await.unwrap();
+    s.chat("abandoned").await.unwrap();
+    s.restore(&cp1).await.unwrap();
+    s.chat("kept").await.unwrap();
+    // Nothing is unreachable yet: the abandoned branch got a checkpoint when we left it.
+    assert_eq!(s.collect_garbage().await.unwrap().messages_deleted, 0);
+    assert_eq!(s.branches().await.unwrap().len(), 2);
+    let guard = s
+        .checkpoints()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| {
+            c.label
+                .as_deref()
+                .is_some_and(|l| l.starts_with("before restore"))
+        })
+        .expect("restore checkpoints the branch it leaves");
+    // A fork from cp1 keeps cp1's prefix alive even once cp1 is gone.
+    let fork = s.fork(&cp1, "g-fork").await.unwrap();
+    assert!(s.delete_checkpoint(&guard.id).await.unwrap());
+    assert!(s.delete_checkpoint(&cp1.id).await.unwrap());
+    assert!(!s.delete_checkpoint(&cp1.id).await.unwrap());
+    let report = s.collect_garbage().await.unwrap();
+    assert_eq!(report.messages_deleted, 2, "{report:?}"); // "abandoned" and its reply
+    assert_eq!(
+        contents(&s.history().await.unwrap()),
+        [
+            "one",
+            "reply to: one",
+            "two",
+            "reply to: two",
+            "kept",
+            "reply to: kept"
+        ]
+    );
+    assert_eq!(fork.history().await.unwrap().len(), 4);
+    assert_eq!(s.branches().await.unwrap().len(), 1);
+    // Idempotent, and the session keeps serving.
+    assert_eq!(s.collect_garbage().await.unwrap().messages_deleted, 0);
+    s.chat("after gc").await.unwrap();
+    assert_eq!(s.history().await.unwrap().len(), 8);
+}
+
+#[tokio::test]
+async fn garbage_collection_removes_only_what_nothing_reaches_memory() {
+    gc_scenario(&memory_rt().await).await;
+}
+
+#[tokio::test]
+async fn garbage_collection_removes_only_what_nothing_reaches_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_scenario(&sqlite_rt(dir.path()).await).await;
+}

@@ -229,6 +229,60 @@ pub fn branches(
     out
 }
 
+/// What a garbage collection did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Messages deleted.
+    pub messages_deleted: u64,
+    /// Segments whose unreachable tail was cut.
+    pub segments_trimmed: usize,
+    /// Segments deleted whole.
+    pub segments_deleted: usize,
+}
+
+/// What garbage collection would delete from a session's own segments:
+/// `(segment, keep)` — the messages after seq `keep`, or the whole segment
+/// for `None`. A message is kept if a root (the session's head, a kept
+/// checkpoint or version, or a reference from another session) is it or
+/// comes after it on the same path.
+pub fn gc_plan(
+    segments: &[SegmentInfo],
+    roots: impl IntoIterator<Item = MessageId>,
+) -> Vec<(crate::store::SegmentId, Option<u32>)> {
+    use std::collections::HashMap;
+    let own: HashMap<_, _> = segments.iter().map(|s| (s.id, s)).collect();
+    let mut keep: HashMap<crate::store::SegmentId, i64> = HashMap::new();
+    let mut work: Vec<MessageId> = roots.into_iter().collect();
+    while let Some(r) = work.pop() {
+        let Some(seg) = own.get(&r.segment) else {
+            continue;
+        };
+        let k = keep.entry(r.segment).or_insert(-1);
+        if (r.seq as i64) <= *k {
+            continue;
+        }
+        let first = *k < 0;
+        *k = r.seq as i64;
+        // The first time a segment is kept, its branch point is kept too.
+        if first {
+            if let Some(p) = seg.parent {
+                work.push(p);
+            }
+        }
+    }
+    segments
+        .iter()
+        .filter_map(|s| {
+            let tip = s.tip.map(|(id, _)| id.seq as i64)?;
+            match keep.get(&s.id) {
+                None => Some((s.id, None)),
+                Some(&k) if k < tip => Some((s.id, Some(k as u32))),
+                Some(_) => None,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -964,8 +964,8 @@ impl Handler<Restore> for SessionActor {
 
     fn handle(&mut self, msg: Restore, _: &mut Context<Self>) -> Self::Result {
         self.last_active = Instant::now();
-        let record = match self.live() {
-            Ok(s) => s.record.clone(),
+        let (record, at_branch_tip) = match self.live() {
+            Ok(s) => (s.record.clone(), s.can_append),
             Err(e) => return done(Err(e)),
         };
         let store = self.core.store.clone();
@@ -999,6 +999,18 @@ impl Handler<Restore> for SessionActor {
                 next.interactions = cp.state.interactions;
                 next.updated_at = now();
                 next.state_version = record.state_version + 1;
+                // Leaving the tip of a branch: keep it reachable through a
+                // checkpoint of its own, so garbage collection never takes it.
+                let protect = (at_branch_tip && record.head != cp.head).then(|| CheckpointRecord {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    session_id: record.id.clone(),
+                    head: record.head,
+                    label: Some(format!("before restore to {}", cp.id)),
+                    description: None,
+                    kind: CheckpointKind::Manual,
+                    state: record.clone(),
+                    created_at: now(),
+                });
                 store
                     .commit(Commit {
                         record: next.clone(),
@@ -1006,7 +1018,7 @@ impl Handler<Restore> for SessionActor {
                         small_state_changed: true,
                         new_segment: None,
                         messages: Vec::new(),
-                        checkpoints: Vec::new(),
+                        checkpoints: protect.into_iter().collect(),
                         drop_checkpoints: Vec::new(),
                     })
                     .await?;
@@ -1119,6 +1131,122 @@ impl Handler<RestoreTo> for SessionActor {
                     }
                     Err(e)
                 }
+            }),
+        ))
+    }
+}
+
+/// Delete a checkpoint of this session.
+#[derive(Message)]
+#[rtype(result = "Result<bool>")]
+pub(crate) struct DeleteCheckpoint {
+    pub checkpoint_id: String,
+}
+
+impl Handler<DeleteCheckpoint> for SessionActor {
+    type Result = Reply<bool>;
+
+    fn handle(&mut self, msg: DeleteCheckpoint, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let record = match self.live() {
+            Ok(s) => s.record.clone(),
+            Err(e) => return done(Err(e)),
+        };
+        if let Some(ids) = &mut self.auto_ids {
+            ids.retain(|i| i != &msg.checkpoint_id);
+        }
+        let store = self.core.store.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let exists = store
+                    .get_checkpoint(&msg.checkpoint_id)
+                    .await?
+                    .is_some_and(|c| c.session_id == record.id);
+                if !exists {
+                    return Ok((false, record.state_version));
+                }
+                let mut next = record.clone();
+                next.state_version += 1;
+                let version = next.state_version;
+                store
+                    .commit(Commit {
+                        record: next,
+                        expected_version: Some(record.state_version),
+                        small_state_changed: false,
+                        new_segment: None,
+                        messages: Vec::new(),
+                        checkpoints: Vec::new(),
+                        drop_checkpoints: vec![msg.checkpoint_id],
+                    })
+                    .await?;
+                Ok::<_, Error>((true, version))
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| match res {
+                Ok((deleted, version)) => {
+                    if let Some(s) = act.live_mut() {
+                        s.record.state_version = version;
+                    }
+                    Ok(deleted)
+                }
+                Err(e) => {
+                    if e.is_conflict() {
+                        act.invalidate(ctx);
+                    }
+                    Err(e)
+                }
+            }),
+        ))
+    }
+}
+
+/// Delete the messages nothing can reach any more.
+#[derive(Message)]
+#[rtype(result = "Result<crate::checkpoint::GcReport>")]
+pub(crate) struct CollectGarbage;
+
+impl Handler<CollectGarbage> for SessionActor {
+    type Result = Reply<crate::checkpoint::GcReport>;
+
+    fn handle(&mut self, _: CollectGarbage, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let (id, head) = match self.live() {
+            Ok(s) => (s.record.id.clone(), s.record.head),
+            Err(e) => return done(Err(e)),
+        };
+        let store = self.core.store.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let segments = store.list_segments(&id).await?;
+                let checkpoints = store.list_checkpoints(&id).await?;
+                let external = store.external_refs(&id).await?;
+                let roots = head
+                    .into_iter()
+                    .chain(checkpoints.iter().filter_map(|c| c.head))
+                    .chain(external);
+                let plan = crate::checkpoint::gc_plan(&segments, roots);
+                let segments_trimmed = plan.iter().filter(|p| p.1.is_some()).count();
+                let segments_deleted = plan.iter().filter(|p| p.1.is_none()).count();
+                let messages_deleted = if plan.is_empty() {
+                    0
+                } else {
+                    store.trim_segments(&id, plan).await?
+                };
+                Ok(crate::checkpoint::GcReport {
+                    messages_deleted,
+                    segments_trimmed,
+                    segments_deleted,
+                })
+            }
+            .into_actor(self)
+            .map(|res, act, _| {
+                if res.is_ok() {
+                    // A trimmed segment may now end at the head: extending it is fine.
+                    if let Some(s) = act.live_mut() {
+                        s.can_append = false;
+                    }
+                }
+                res
             }),
         ))
     }

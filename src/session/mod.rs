@@ -613,6 +613,22 @@ impl Session {
         self.call(|| actor::RestoreTo { head: Some(head) }).await?
     }
 
+    /// Deletes a checkpoint (or version) of this session. Returns whether it existed.
+    pub async fn delete_checkpoint(&self, checkpoint_id: &str) -> Result<bool> {
+        self.call(|| actor::DeleteCheckpoint {
+            checkpoint_id: checkpoint_id.to_string(),
+        })
+        .await?
+    }
+
+    /// Deletes the messages nothing can reach any more: not the head, not a
+    /// kept checkpoint or version, not another session (a fork). Restoring
+    /// away from a branch tip checkpoints it first, so a branch goes only
+    /// when its checkpoints are deleted.
+    pub async fn collect_garbage(&self) -> Result<checkpoint::GcReport> {
+        self.call(|| actor::CollectGarbage).await?
+    }
+
     /// Saves a numbered version with a description; returns its number.
     pub async fn save_version(&self, description: impl Into<String>) -> Result<u32> {
         let cp = self

@@ -271,4 +271,67 @@ impl Store for MemoryStore {
         out.sort_by_key(|s| (s.created_at, s.id));
         Ok(out)
     }
+
+    async fn external_refs(&self, session_id: &str) -> Result<Vec<MessageId>, StoreError> {
+        let inner = self.lock();
+        let own = |m: &MessageId| {
+            inner
+                .segments
+                .get(&m.segment)
+                .is_some_and(|s| s.session_id == session_id)
+        };
+        let mut out: Vec<MessageId> = Vec::new();
+        for r in inner.sessions.values().filter(|r| r.id != session_id) {
+            out.extend(r.head.filter(|h| own(h)));
+        }
+        for c in inner
+            .checkpoints
+            .iter()
+            .filter(|c| c.session_id != session_id)
+        {
+            out.extend(c.head.filter(|h| own(h)));
+        }
+        for s in inner
+            .segments
+            .values()
+            .filter(|s| s.session_id != session_id)
+        {
+            out.extend(s.parent.filter(|p| own(p)));
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    async fn trim_segments(
+        &self,
+        session_id: &str,
+        plan: Vec<(SegmentId, Option<u32>)>,
+    ) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let mut deleted = 0u64;
+        for (seg, keep) in plan {
+            if inner
+                .segments
+                .get(&seg)
+                .is_none_or(|s| s.session_id != session_id)
+            {
+                continue;
+            }
+            match keep {
+                None => {
+                    deleted += inner.messages.remove(&seg).map_or(0, |v| v.len() as u64);
+                    inner.segments.remove(&seg);
+                }
+                Some(k) => {
+                    if let Some(v) = inner.messages.get_mut(&seg) {
+                        let before = v.len();
+                        v.truncate(k as usize + 1);
+                        deleted += (before - v.len()) as u64;
+                    }
+                }
+            }
+        }
+        Ok(deleted)
+    }
 }

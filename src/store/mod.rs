@@ -130,6 +130,21 @@ pub trait Store: Send + Sync + 'static {
     /// The segments a session owns, with their tips (for branch listings).
     async fn list_segments(&self, session_id: &str) -> Result<Vec<SegmentInfo>, StoreError>;
 
+    /// Messages in `session_id`'s segments that something outside the
+    /// session refers to: other sessions' heads and checkpoints, and the
+    /// branch points of other sessions' segments. Garbage collection keeps
+    /// everything these reach.
+    async fn external_refs(&self, session_id: &str) -> Result<Vec<MessageId>, StoreError>;
+
+    /// Deletes messages of `session_id`'s own segments: for each
+    /// `(segment, keep)`, those after seq `keep`, or the whole segment when
+    /// `keep` is `None`. Returns how many messages were deleted.
+    async fn trim_segments(
+        &self,
+        session_id: &str,
+        plan: Vec<(SegmentId, Option<u32>)>,
+    ) -> Result<u64, StoreError>;
+
     /// Settles everything acknowledged so far: acknowledged writes are
     /// already durable; SQLite also copies its WAL into the main file.
     async fn flush(&self) -> Result<(), StoreError> {
@@ -186,6 +201,16 @@ impl<T: Store + ?Sized> Store for Arc<T> {
     }
     async fn list_segments(&self, session_id: &str) -> Result<Vec<SegmentInfo>, StoreError> {
         (**self).list_segments(session_id).await
+    }
+    async fn external_refs(&self, session_id: &str) -> Result<Vec<MessageId>, StoreError> {
+        (**self).external_refs(session_id).await
+    }
+    async fn trim_segments(
+        &self,
+        session_id: &str,
+        plan: Vec<(SegmentId, Option<u32>)>,
+    ) -> Result<u64, StoreError> {
+        (**self).trim_segments(session_id, plan).await
     }
 }
 

@@ -33,7 +33,7 @@ use tokio::sync::oneshot;
 
 use super::{
     check_version, from_micros, to_micros, CheckpointKind, CheckpointRecord, Commit, JsonMap,
-    LoadedSession, Message, MessageId, Role, SegmentInfo, SessionFilter, SessionRecord,
+    LoadedSession, Message, MessageId, Role, SegmentId, SegmentInfo, SessionFilter, SessionRecord,
     SessionSummary, Store, StoreError,
 };
 
@@ -109,6 +109,7 @@ const MIGRATIONS: &[&str] = &[
 
 enum WriteOp {
     Commit(Box<Encoded>),
+    Trim(String, Vec<(i64, Option<u32>)>),
     Delete(String, Option<i64>),
     /// Copy the whole WAL into the database file and truncate it.
     Checkpoint,
@@ -451,6 +452,7 @@ fn apply_job(tx: &Transaction<'_>, job: &WriteJob) -> Result<bool, StoreError> {
         WriteOp::Commit(e) => apply_commit(tx, e).map(|_| true),
         WriteOp::Delete(id, before) => apply_delete(tx, id, *before),
         WriteOp::Checkpoint => Ok(true),
+        WriteOp::Trim(session, plan) => apply_trim(tx, session, plan),
     }
 }
 
@@ -748,6 +750,40 @@ fn apply_delete(
     )?;
     tx.execute("DELETE FROM checkpoints WHERE session_key=?1", [key])?;
     tx.execute("DELETE FROM sessions WHERE key=?1", [key])?;
+    Ok(true)
+}
+
+fn apply_trim(
+    tx: &Transaction<'_>,
+    session: &str,
+    plan: &[(i64, Option<u32>)],
+) -> Result<bool, StoreError> {
+    let key: Option<i64> = tx
+        .prepare_cached("SELECT key FROM sessions WHERE id=?1")?
+        .query_row([session], |r| r.get(0))
+        .optional()?;
+    let Some(key) = key else { return Ok(false) };
+    for (seg, keep) in plan {
+        let owned: Option<i64> = tx
+            .prepare_cached("SELECT 1 FROM segments WHERE id=?1 AND session_key=?2")?
+            .query_row(params![seg, key], |r| r.get(0))
+            .optional()?;
+        if owned.is_none() {
+            continue;
+        }
+        match keep {
+            None => {
+                tx.execute("DELETE FROM messages WHERE segment=?1", [seg])?;
+                tx.execute("DELETE FROM segments WHERE id=?1", [seg])?;
+            }
+            Some(k) => {
+                tx.execute(
+                    "DELETE FROM messages WHERE segment=?1 AND seq>?2",
+                    params![seg, *k as i64],
+                )?;
+            }
+        }
+    }
     Ok(true)
 }
 
@@ -1089,6 +1125,65 @@ impl Store for SqliteStore {
             }
         })
         .await
+    }
+
+    async fn external_refs(&self, session_id: &str) -> Result<Vec<MessageId>, StoreError> {
+        let session_id = session_id.to_owned();
+        self.read(move |conn| {
+            // Positions inside this session's segments referred to by other
+            // sessions' heads, checkpoints and segments.
+            let mut stmt = conn.prepare_cached(
+                "WITH me AS (SELECT key FROM sessions WHERE id = ?1), \
+                 own AS (SELECT g.id FROM segments g, me WHERE g.session_key = me.key) \
+                 SELECT s.head_segment, s.head_seq FROM sessions s, me \
+                   WHERE s.key != me.key AND s.head_segment IN (SELECT id FROM own) \
+                 UNION SELECT c.head_segment, c.head_seq FROM checkpoints c, me \
+                   WHERE c.session_key != me.key AND c.head_segment IN (SELECT id FROM own) \
+                 UNION SELECT g.parent_segment, g.parent_seq FROM segments g, me \
+                   WHERE g.session_key != me.key AND g.parent_segment IN (SELECT id FROM own)",
+            )?;
+            let rows = stmt.query_map([&session_id], |r| {
+                Ok(MessageId {
+                    segment: r.get(0)?,
+                    seq: r.get::<_, i64>(1)? as u32,
+                })
+            })?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(r?);
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn trim_segments(
+        &self,
+        session_id: &str,
+        plan: Vec<(SegmentId, Option<u32>)>,
+    ) -> Result<u64, StoreError> {
+        // Counted first: the session's actor runs collection atomically, so
+        // nothing changes these segments in between.
+        let before: u64 = {
+            let plan2 = plan.clone();
+            self.read(move |conn| {
+                let mut n = 0u64;
+                for (seg, keep) in plan2 {
+                    let c: i64 = conn.query_row(
+                        "SELECT COUNT(*) FROM messages WHERE segment=?1 AND seq>?2",
+                        params![seg, keep.map_or(-1, |k| k as i64)],
+                        |r| r.get(0),
+                    )?;
+                    n += c as u64;
+                }
+                Ok(n)
+            })
+            .await?
+        };
+        self.write(WriteOp::Trim(session_id.to_owned(), plan))
+            .await?;
+        Ok(before)
     }
 
     async fn list_segments(&self, session_id: &str) -> Result<Vec<SegmentInfo>, StoreError> {
