@@ -22,6 +22,9 @@ pub struct ScriptedModel {
     pub requests: Mutex<Vec<ChatRequest>>,
     script: Mutex<std::collections::VecDeque<String>>,
     delay: Option<Duration>,
+    /// While set, `reply_meta` panics: a panic inside the session actor's
+    /// own turn handling (not in the model call), to test supervision.
+    pub panic_in_session: std::sync::atomic::AtomicBool,
 }
 
 impl ScriptedModel {
@@ -53,6 +56,13 @@ impl ScriptedModel {
 impl ChatModel for ScriptedModel {
     fn name(&self) -> &str {
         "scripted"
+    }
+
+    fn reply_meta(&self) -> serde_json::Value {
+        if self.panic_in_session.load(Ordering::SeqCst) {
+            panic!("scripted panic inside the session actor");
+        }
+        serde_json::json!({ "model": "scripted" })
     }
 
     async fn complete(&self, request: &ChatRequest) -> Result<ChatResponse, ModelError> {

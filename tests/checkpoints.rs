@@ -356,11 +356,7 @@ async fn gc_scenario(rt: &Runtime) {
         .await
         .unwrap()
         .into_iter()
-        .find(|c| {
-            c.label
-                .as_deref()
-                .is_some_and(|l| l.starts_with("before restore"))
-        })
+        .find(|c| c.kind == CheckpointKind::Branch)
         .expect("restore checkpoints the branch it leaves");
     // A fork from cp1 keeps cp1's prefix alive even once cp1 is gone.
     let fork = s.fork(&cp1, "g-fork").await.unwrap();
@@ -384,8 +380,24 @@ async fn gc_scenario(rt: &Runtime) {
     assert_eq!(s.branches().await.unwrap().len(), 1);
     // Idempotent, and the session keeps serving.
     assert_eq!(s.collect_garbage().await.unwrap().messages_deleted, 0);
+    // Switching branches protects the tip it leaves, as restore does.
+    let cp2 = s.checkpoint("cp2").await.unwrap();
+    s.chat("on b").await.unwrap();
+    s.restore(&cp2).await.unwrap();
+    s.chat("on c").await.unwrap();
+    let b = s
+        .branches()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| !b.current)
+        .unwrap();
+    s.switch_branch(&b).await.unwrap();
+    assert_eq!(s.collect_garbage().await.unwrap().messages_deleted, 0);
+    let tips: Vec<_> = s.branches().await.unwrap().iter().map(|b| b.head).collect();
+    assert_eq!(tips.len(), 2);
     s.chat("after gc").await.unwrap();
-    assert_eq!(s.history().await.unwrap().len(), 8);
+    assert_eq!(s.history().await.unwrap().len(), 10);
 }
 
 #[tokio::test]
@@ -397,4 +409,26 @@ async fn garbage_collection_removes_only_what_nothing_reaches_memory() {
 async fn garbage_collection_removes_only_what_nothing_reaches_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     gc_scenario(&sqlite_rt(dir.path()).await).await;
+}
+
+#[tokio::test]
+async fn a_checkpoint_exported_to_a_file_imports_into_another_store_with_the_same_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = memory_rt().await;
+    let s = rt.session("exp").open().await.unwrap();
+    s.chat("one").await.unwrap();
+    s.set_user_data("k", "v1").await.unwrap();
+    let cp = s.checkpoint("here").await.unwrap();
+    s.chat("two").await.unwrap();
+    s.set_user_data("k", "v2").await.unwrap();
+    let path = dir.path().join("cp.json");
+    s.save_checkpoint(&cp, &path).await.unwrap();
+    let other = sqlite_rt(dir.path()).await;
+    let loaded = Session::load(&other, &path).await.unwrap();
+    assert_eq!(
+        contents(&loaded.history().await.unwrap()),
+        ["one", "reply to: one"]
+    );
+    assert_eq!(loaded.user_data().await.unwrap()["k"], "v1");
+    assert_eq!(loaded.metadata().await.unwrap().interactions, 1);
 }

@@ -534,3 +534,42 @@ async fn a_damaged_session_file_is_refused_and_the_old_one_still_loads() {
     let old = troupe::Session::load(&fresh, &bak).await.unwrap();
     assert_eq!(old.history().await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_panicking_session_actor_is_restarted_from_durable_state() {
+    let model = ScriptedModel::new();
+    let rt = Runtime::builder()
+        .memory_store()
+        .model(model.clone())
+        .build()
+        .await
+        .unwrap();
+    let s = rt.session("phoenix").open().await.unwrap();
+    let other = rt.session("bystander").open().await.unwrap();
+    s.chat("acknowledged one").await.unwrap();
+    s.chat("acknowledged two").await.unwrap();
+    model
+        .panic_in_session
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = s.chat("this turn panics").await.unwrap_err();
+    assert!(matches!(err, Error::SessionUnavailable { .. }), "{err}");
+    model
+        .panic_in_session
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // Other sessions on the same arbiters were never affected.
+    other.chat("still fine").await.unwrap();
+    // The session comes back from the store with every acknowledged turn, and serves.
+    s.chat("after the panic").await.unwrap();
+    let users: Vec<_> = s
+        .history()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.role == Role::User)
+        .map(|m| m.content)
+        .collect();
+    assert_eq!(
+        users,
+        ["acknowledged one", "acknowledged two", "after the panic"]
+    );
+}

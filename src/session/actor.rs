@@ -523,7 +523,7 @@ async fn add_auto_checkpoint(
         id: uuid::Uuid::new_v4().to_string(),
         session_id: commit.record.id.clone(),
         head: commit.record.head,
-        label: None,
+        label: Some(format!("auto after turn {}", commit.record.interactions)),
         description: None,
         kind: CheckpointKind::Auto,
         state: commit.record.clone(),
@@ -999,18 +999,8 @@ impl Handler<Restore> for SessionActor {
                 next.interactions = cp.state.interactions;
                 next.updated_at = now();
                 next.state_version = record.state_version + 1;
-                // Leaving the tip of a branch: keep it reachable through a
-                // checkpoint of its own, so garbage collection never takes it.
-                let protect = (at_branch_tip && record.head != cp.head).then(|| CheckpointRecord {
-                    id: uuid::Uuid::new_v4().to_string(),
-                    session_id: record.id.clone(),
-                    head: record.head,
-                    label: Some(format!("before restore to {}", cp.id)),
-                    description: None,
-                    kind: CheckpointKind::Manual,
-                    state: record.clone(),
-                    created_at: now(),
-                });
+                let target = cp.label.clone().unwrap_or_else(|| cp.id.clone());
+                let protect = branch_guard(&record, at_branch_tip, cp.head, &target);
                 store
                     .commit(Commit {
                         record: next.clone(),
@@ -1085,8 +1075,8 @@ impl Handler<RestoreTo> for SessionActor {
 
     fn handle(&mut self, msg: RestoreTo, _: &mut Context<Self>) -> Self::Result {
         self.last_active = Instant::now();
-        let record = match self.live() {
-            Ok(s) => s.record.clone(),
+        let (record, at_branch_tip) = match self.live() {
+            Ok(s) => (s.record.clone(), s.can_append),
             Err(e) => return done(Err(e)),
         };
         let store = self.core.store.clone();
@@ -1101,6 +1091,10 @@ impl Handler<RestoreTo> for SessionActor {
                 next.head = msg.head;
                 next.updated_at = now();
                 next.state_version = record.state_version + 1;
+                let target = msg
+                    .head
+                    .map_or_else(|| "the root".to_string(), |h| h.to_string());
+                let protect = branch_guard(&record, at_branch_tip, msg.head, &target);
                 store
                     .commit(Commit {
                         record: next.clone(),
@@ -1108,7 +1102,7 @@ impl Handler<RestoreTo> for SessionActor {
                         small_state_changed: false,
                         new_segment: None,
                         messages: Vec::new(),
-                        checkpoints: Vec::new(),
+                        checkpoints: protect.into_iter().collect(),
                         drop_checkpoints: Vec::new(),
                     })
                     .await?;
@@ -1134,6 +1128,26 @@ impl Handler<RestoreTo> for SessionActor {
             }),
         ))
     }
+}
+
+/// Leaving the tip of a branch: a checkpoint of it, so the branch stays
+/// reachable and garbage collection never takes it.
+fn branch_guard(
+    record: &SessionRecord,
+    at_branch_tip: bool,
+    new_head: Option<MessageId>,
+    target: &str,
+) -> Option<CheckpointRecord> {
+    (at_branch_tip && record.head != new_head).then(|| CheckpointRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        session_id: record.id.clone(),
+        head: record.head,
+        label: Some(format!("branch tip left for '{target}'")),
+        description: None,
+        kind: CheckpointKind::Branch,
+        state: record.clone(),
+        created_at: now(),
+    })
 }
 
 /// Delete a checkpoint of this session.

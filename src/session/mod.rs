@@ -357,7 +357,9 @@ impl Session {
         }
         Err(Error::SessionUnavailable {
             id: self.id.to_string(),
-            reason: "its actor kept stopping".into(),
+            reason: "its actor stopped three times while taking this request (a panic?); \
+                     acknowledged turns are safe in the store"
+                .into(),
         })
     }
 
@@ -600,7 +602,9 @@ impl Session {
         self.call(|| actor::Branches).await?
     }
 
-    /// Makes a branch's leaf the head (a checkpoint of it, then a restore).
+    /// Makes a branch's leaf the head. Only the head moves: the small state
+    /// (preferences, turn count, …) stays as it is. The tip being left is
+    /// checkpointed (kind `Branch`) so it stays reachable.
     pub async fn switch_branch(&self, branch: &Branch) -> Result<SessionMetadata> {
         let known = self.branches().await?;
         if !known.iter().any(|b| b.head == branch.head) {
@@ -759,6 +763,34 @@ impl Session {
     /// `PATH.bak`.
     pub async fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let doc = self.export().await?;
+        let path = path.as_ref().to_path_buf();
+        tokio::task::spawn_blocking(move || file::write(&path, &doc))
+            .await
+            .map_err(|e| Error::Runtime(format!("file writer failed: {e}")))??;
+        Ok(())
+    }
+
+    /// Writes the session as it was at a checkpoint to a session file (the
+    /// checkpoint's small state and the history up to its head). Loading the
+    /// file into any store ([`Session::load`]) gives that same history.
+    pub async fn save_checkpoint(
+        &self,
+        checkpoint: &Checkpoint,
+        path: impl AsRef<Path>,
+    ) -> Result<()> {
+        if checkpoint.session_id != *self.id {
+            return Err(Error::InvalidRequest(format!(
+                "checkpoint '{}' belongs to session '{}', not '{}'",
+                checkpoint.id, checkpoint.session_id, self.id
+            )));
+        }
+        let history = match checkpoint.head {
+            Some(h) => self.rt.store().history(h, None).await?,
+            None => Vec::new(),
+        };
+        let mut record = checkpoint.state.clone();
+        record.head = checkpoint.head;
+        let doc = SessionDocument { record, history };
         let path = path.as_ref().to_path_buf();
         tokio::task::spawn_blocking(move || file::write(&path, &doc))
             .await

@@ -705,6 +705,7 @@ fn kind_code(k: CheckpointKind) -> i64 {
         CheckpointKind::Auto => 0,
         CheckpointKind::Manual => 1,
         CheckpointKind::Version => 2,
+        CheckpointKind::Branch => 3,
     }
 }
 
@@ -713,6 +714,7 @@ fn kind_from(code: i64) -> Result<CheckpointKind, StoreError> {
         0 => CheckpointKind::Auto,
         1 => CheckpointKind::Manual,
         2 => CheckpointKind::Version,
+        3 => CheckpointKind::Branch,
         other => {
             return Err(StoreError::Corrupt(format!(
                 "unknown checkpoint kind {other}"

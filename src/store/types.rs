@@ -288,6 +288,9 @@ pub enum CheckpointKind {
     Manual,
     /// A named version; kept until deleted.
     Version,
+    /// Taken when the head leaves the tip of a branch (restore, switching
+    /// branches), so the branch stays reachable; kept until deleted.
+    Branch,
 }
 
 /// A checkpoint: a head plus a snapshot of the session's small state.
