@@ -58,6 +58,11 @@ impl Error {
         matches!(self, Error::Store(StoreError::Conflict { .. }))
     }
 
+    /// Whether a shared-state write was refused because the key's version moved on.
+    pub fn is_version_mismatch(&self) -> bool {
+        matches!(self, Error::Store(StoreError::VersionMismatch { .. }))
+    }
+
     /// Whether this is a "not found" of some record (for exit codes and HTTP 404).
     pub fn is_not_found(&self) -> bool {
         matches!(

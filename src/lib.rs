@@ -23,6 +23,7 @@
 //! - [`checkpoint`]: checkpoints, versions, branches, fork and merge.
 //! - [`agent`]: agent definitions (`agents/*.toml`) and the `AgentActor`.
 //! - [`model`]: the [`ChatModel`] trait; `echo` and `openai` providers.
+//! - [`state`]: [`SharedState`] — namespaced, versioned key/value shared by agents and sessions.
 //! - [`store`]: the [`Store`] trait; `memory` and `sqlite` backends; session files.
 //! - [`config`]: `config.toml` and environment overrides.
 //! - [`bench`]: the built-in benchmark (`troupe bench`).
@@ -37,6 +38,7 @@ pub mod error;
 pub mod model;
 pub mod runtime;
 pub mod session;
+pub mod state;
 pub mod store;
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -50,6 +52,7 @@ pub use runtime::{Runtime, RuntimeBuilder};
 pub use session::{
     ChatReply, NewMessage, Session, SessionBuilder, SessionMetadata, StateChange, StreamEvent,
 };
+pub use state::SharedState;
 pub use store::{JsonMap, Message, MessageId, Role, SessionFilter, SessionRecord, Store};
 
 /// Installs the process-wide TLS provider reqwest needs (ring). Idempotent;

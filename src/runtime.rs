@@ -52,6 +52,7 @@ pub struct Core {
     default_model: Arc<dyn ChatModel>,
     catalog: DashMap<String, AgentSpec>,
     bound: DashMap<String, Arc<AgentBinding>>,
+    shared: DashMap<String, actix::Addr<crate::state::SharedStateActor>>,
 }
 
 impl Core {
@@ -278,6 +279,7 @@ impl RuntimeBuilder {
             default_model,
             catalog,
             bound: DashMap::new(),
+            shared: DashMap::new(),
         });
         let rt = Runtime {
             inner: Arc::new(Inner {
@@ -357,6 +359,25 @@ impl Runtime {
     /// Opens a new session with a fresh uuid v4 id.
     pub fn new_session(&self) -> SessionBuilder {
         SessionBuilder::new(self.clone(), None)
+    }
+
+    /// The shared state of a namespace (its actor started on first use).
+    pub fn shared_state(&self, namespace: impl Into<String>) -> crate::state::SharedState {
+        let ns: String = namespace.into();
+        let core = &self.inner.core;
+        let addr = core
+            .shared
+            .entry(ns.clone())
+            .or_insert_with(|| {
+                let n = core.arbiters.len().max(1);
+                let i = ns.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % n;
+                let (name, store) = (Arc::<str>::from(ns.as_str()), core.store.clone());
+                crate::state::SharedStateActor::start_in_arbiter(&core.arbiters[i], move |_| {
+                    crate::state::SharedStateActor::new(name, store)
+                })
+            })
+            .clone();
+        crate::state::SharedState::new(Arc::from(ns.as_str()), addr, core.store.clone())
     }
 
     /// A named agent from the catalog (`agents/NAME.toml`).

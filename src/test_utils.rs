@@ -181,6 +181,31 @@ impl<S: Store> Store for FailingStore<S> {
     async fn external_refs(&self, session_id: &str) -> Result<Vec<MessageId>, StoreError> {
         self.inner.external_refs(session_id).await
     }
+    async fn shared_get(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<crate::store::SharedEntry>, StoreError> {
+        self.inner.shared_get(namespace, key).await
+    }
+    async fn shared_put(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Option<serde_json::Value>,
+        expected_version: Option<u64>,
+    ) -> Result<crate::store::SharedEntry, StoreError> {
+        self.inner
+            .shared_put(namespace, key, value, expected_version)
+            .await
+    }
+    async fn shared_list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+    ) -> Result<Vec<crate::store::SharedEntry>, StoreError> {
+        self.inner.shared_list(namespace, prefix).await
+    }
     async fn trim_segments(
         &self,
         session_id: &str,

@@ -299,6 +299,26 @@ async fn contract(store: Arc<dyn Store>) {
         2
     );
 
+    // Shared state: versions from 1, preconditions, deletes, prefix listing per namespace.
+    assert!(s.shared_get("ns", "k").await.unwrap().is_none());
+    let e = s.shared_put("ns", "k", Some(serde_json::json!({"a": 1})), Some(0)).await.unwrap();
+    assert_eq!(e.version, 1);
+    assert!(matches!(
+        s.shared_put("ns", "k", Some(serde_json::json!(2)), Some(0)).await,
+        Err(StoreError::VersionMismatch { expected: 0, found: 1, .. })
+    ));
+    assert_eq!(s.shared_put("ns", "k", Some(serde_json::json!(2)), Some(1)).await.unwrap().version, 2);
+    s.shared_put("ns", "k2", Some(serde_json::json!("x")), None).await.unwrap();
+    s.shared_put("ns", "j", Some(serde_json::json!("y")), None).await.unwrap();
+    s.shared_put("other", "k3", Some(serde_json::json!("z")), None).await.unwrap();
+    let got = s.shared_get("ns", "k").await.unwrap().unwrap();
+    assert_eq!((got.value, got.version), (serde_json::json!(2), 2));
+    let keys: Vec<_> = s.shared_list("ns", "k").await.unwrap().into_iter().map(|e| e.key).collect();
+    assert_eq!(keys, ["k", "k2"]);
+    s.shared_put("ns", "k", None, Some(2)).await.unwrap();
+    assert!(s.shared_get("ns", "k").await.unwrap().is_none());
+    assert_eq!(s.shared_list("ns", "").await.unwrap().len(), 2);
+
     // Many sessions committing at once all land (group commit must not mix them up).
     let mut tasks = Vec::new();
     for i in 0..200 {

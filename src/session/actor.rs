@@ -283,7 +283,12 @@ pub(crate) struct Open {
     pub create: bool,
     pub user_id: Option<String>,
     pub agents: Vec<Arc<AgentBinding>>,
+    /// The shared-state namespace its agents read (kept in metadata).
+    pub shared_state: Option<String>,
 }
+
+/// The metadata key holding a session's shared-state namespace.
+pub(crate) const SHARED_STATE_KEY: &str = "shared_state";
 
 impl Handler<Open> for SessionActor {
     type Result = Reply<SessionMetadata>;
@@ -304,6 +309,9 @@ impl Handler<Open> for SessionActor {
                     names
                 };
                 let mut r = SessionRecord::new(&*self.id, msg.user_id.clone(), agents);
+                if let Some(ns) = &msg.shared_state {
+                    r.metadata.insert(SHARED_STATE_KEY.into(), ns.clone().into());
+                }
                 r.state_version = 1;
                 (r, None)
             }
@@ -311,7 +319,10 @@ impl Handler<Open> for SessionActor {
                 let r = &state.record;
                 let user_changes = msg.user_id.is_some() && msg.user_id != r.user_id;
                 let agents_change = !names.is_empty() && names != r.agents;
-                if !user_changes && !agents_change {
+                let shared_change = msg.shared_state.as_ref().is_some_and(|ns| {
+                    r.metadata.get(SHARED_STATE_KEY).and_then(|v| v.as_str()) != Some(ns.as_str())
+                });
+                if !user_changes && !agents_change && !shared_change {
                     let meta = SessionMetadata::from(r);
                     self.use_agents(&msg.agents);
                     return done(Ok(meta));
@@ -322,6 +333,10 @@ impl Handler<Open> for SessionActor {
                 }
                 if agents_change {
                     next.agents = names;
+                }
+                if let (true, Some(ns)) = (shared_change, &msg.shared_state) {
+                    next.metadata
+                        .insert(SHARED_STATE_KEY.into(), ns.clone().into());
                 }
                 next.updated_at = now();
                 next.state_version += 1;
@@ -368,6 +383,8 @@ pub(crate) struct Chat {
 /// What a turn needs from the actor before the model call.
 struct TurnPlan {
     binding: Arc<AgentBinding>,
+    /// The shared-state namespace whose entries go into the prompt.
+    shared_state: Option<String>,
     user: Message,
     reply_id: MessageId,
     new_segment: Option<Segment>,
@@ -421,6 +438,12 @@ impl SessionActor {
                 user,
                 reply_id: ids[1],
                 new_segment,
+                shared_state: state
+                    .record
+                    .metadata
+                    .get(SHARED_STATE_KEY)
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string),
                 record: state.record.clone(),
                 auto,
             },
@@ -492,6 +515,38 @@ impl TurnPlan {
     }
 }
 
+/// Most shared-state entries, and characters of each value, put in a prompt.
+const SHARED_IN_PROMPT: (usize, usize) = (50, 2_000);
+
+/// Appends the session's shared state to the system message, so every agent
+/// of the session sees what the others wrote there.
+async fn with_shared_state(
+    store: &Arc<dyn crate::store::Store>,
+    namespace: Option<&str>,
+    mut request: crate::model::ChatRequest,
+) -> Result<crate::model::ChatRequest> {
+    let Some(ns) = namespace else {
+        return Ok(request);
+    };
+    let entries = store.shared_list(ns, "").await?;
+    if entries.is_empty() {
+        return Ok(request);
+    }
+    if let Some(system) = request.messages.first_mut() {
+        use std::fmt::Write as _;
+        let _ = write!(system.content, "\n\nShared state ({ns}):");
+        for e in entries.iter().take(SHARED_IN_PROMPT.0) {
+            let text = match &e.value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let clipped: String = text.chars().take(SHARED_IN_PROMPT.1).collect();
+            let _ = write!(system.content, "\n- {}: {}", e.key, clipped);
+        }
+    }
+    Ok(request)
+}
+
 /// Adds the supervisor's automatic checkpoint to a turn's commit when one is
 /// due — in the same transaction, so it is a consistent cut of whole turns —
 /// and drops the oldest automatic ones past `checkpoint.keep`.
@@ -557,6 +612,7 @@ impl Handler<Chat> for SessionActor {
         let store = self.core.store.clone();
         AtomicResponse::new(Box::pin(
             async move {
+                let request = with_shared_state(&store, plan.shared_state.as_deref(), request).await?;
                 let resp = addr
                     .send(Generate(request))
                     .await
@@ -608,6 +664,7 @@ impl Handler<ChatStream> for SessionActor {
         let tx2 = tx.clone();
         AtomicResponse::new(Box::pin(
             async move {
+                let request = with_shared_state(&store, plan.shared_state.as_deref(), request).await?;
                 let mut stream = addr
                     .send(GenerateStream(request))
                     .await

@@ -220,6 +220,7 @@ pub struct SessionBuilder {
     agents: Vec<Agent>,
     agent_names: Vec<String>,
     create: bool,
+    shared_state: Option<String>,
 }
 
 impl SessionBuilder {
@@ -231,6 +232,7 @@ impl SessionBuilder {
             agents: Vec::new(),
             agent_names: Vec::new(),
             create: true,
+            shared_state: None,
         }
     }
 
@@ -258,6 +260,13 @@ impl SessionBuilder {
         self
     }
 
+    /// Shares this namespace with the session's agents: its entries are put
+    /// in every prompt (remembered with the session).
+    pub fn shared_state(mut self, shared: crate::state::SharedState) -> Self {
+        self.shared_state = Some(shared.namespace().to_string());
+        self
+    }
+
     /// Open only an existing session: a missing one is [`Error::SessionNotFound`].
     pub fn existing(mut self) -> Self {
         self.create = false;
@@ -282,11 +291,13 @@ impl SessionBuilder {
         };
         let create = self.create;
         let user_id = self.user_id;
+        let shared_state = self.shared_state;
         session
             .call(move || actor::Open {
                 create,
                 user_id: user_id.clone(),
                 agents: bindings.clone(),
+                shared_state: shared_state.clone(),
             })
             .await??;
         Ok(session)
@@ -382,6 +393,12 @@ impl Session {
             agent: Some(agent.to_string()),
         })
         .await?
+    }
+
+    /// Runs one agent of a multi-agent session on the shared conversation:
+    /// it sees every earlier message, including the other agents' (named).
+    pub async fn run_agent(&self, agent: &str, prompt: impl Into<String>) -> Result<ChatReply> {
+        self.chat_with(agent, prompt).await
     }
 
     /// One turn whose reply arrives piece by piece. The last event is

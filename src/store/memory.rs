@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    check_version, CheckpointRecord, Commit, LoadedSession, Message, MessageId, Segment, SegmentId,
+    check_version, CheckpointRecord, SharedEntry, Commit, LoadedSession, Message, MessageId, Segment, SegmentId,
     SegmentInfo, SessionFilter, SessionRecord, SessionSummary, Store, StoreError,
 };
 
@@ -21,6 +21,7 @@ struct Inner {
     /// Messages by segment, indexed by seq.
     messages: HashMap<SegmentId, Vec<Message>>,
     checkpoints: Vec<CheckpointRecord>,
+    shared: std::collections::BTreeMap<(String, String), SharedEntry>,
 }
 
 /// A store that keeps everything in process memory (nothing survives the process).
@@ -333,5 +334,69 @@ impl Store for MemoryStore {
             }
         }
         Ok(deleted)
+    }
+
+    async fn shared_get(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<SharedEntry>, StoreError> {
+        Ok(self
+            .lock()
+            .shared
+            .get(&(namespace.to_string(), key.to_string()))
+            .cloned())
+    }
+
+    async fn shared_put(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Option<serde_json::Value>,
+        expected_version: Option<u64>,
+    ) -> Result<SharedEntry, StoreError> {
+        let mut inner = self.lock();
+        let k = (namespace.to_string(), key.to_string());
+        let found = inner.shared.get(&k).map_or(0, |e| e.version);
+        if let Some(expected) = expected_version {
+            if expected != found {
+                return Err(StoreError::VersionMismatch {
+                    namespace: namespace.into(),
+                    key: key.into(),
+                    expected,
+                    found,
+                });
+            }
+        }
+        let entry = SharedEntry {
+            namespace: namespace.into(),
+            key: key.into(),
+            version: found + 1,
+            updated_at: super::now(),
+            value: value.clone().unwrap_or(serde_json::Value::Null),
+        };
+        match value {
+            Some(_) => {
+                inner.shared.insert(k, entry.clone());
+            }
+            None => {
+                inner.shared.remove(&k);
+            }
+        }
+        Ok(entry)
+    }
+
+    async fn shared_list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+    ) -> Result<Vec<SharedEntry>, StoreError> {
+        Ok(self
+            .lock()
+            .shared
+            .values()
+            .filter(|e| e.namespace == namespace && e.key.starts_with(prefix))
+            .cloned()
+            .collect())
     }
 }

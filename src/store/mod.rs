@@ -44,6 +44,18 @@ pub enum StoreError {
         /// The version in the store.
         found: Option<u64>,
     },
+    /// A shared-state write's version precondition failed.
+    #[error("shared state '{namespace}/{key}': expected version {expected}, found {found}")]
+    VersionMismatch {
+        /// The namespace.
+        namespace: String,
+        /// The key.
+        key: String,
+        /// The version the writer expected (0: absent).
+        expected: u64,
+        /// The version stored (0: absent).
+        found: u64,
+    },
     /// A record the operation needs is not there.
     #[error("{what} '{id}' not found in the store")]
     NotFound {
@@ -130,6 +142,26 @@ pub trait Store: Send + Sync + 'static {
     /// The segments a session owns, with their tips (for branch listings).
     async fn list_segments(&self, session_id: &str) -> Result<Vec<SegmentInfo>, StoreError>;
 
+    /// One shared-state key.
+    async fn shared_get(&self, namespace: &str, key: &str)
+        -> Result<Option<SharedEntry>, StoreError>;
+
+    /// Writes (`Some`) or deletes (`None`) a shared-state key. With
+    /// `expected_version`, only if the stored version is that one (0: the key
+    /// must not exist) — else [`StoreError::VersionMismatch`]. Returns the
+    /// entry written (for a delete: the last version, value null).
+    async fn shared_put(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Option<serde_json::Value>,
+        expected_version: Option<u64>,
+    ) -> Result<SharedEntry, StoreError>;
+
+    /// The keys of a namespace starting with `prefix`, sorted.
+    async fn shared_list(&self, namespace: &str, prefix: &str)
+        -> Result<Vec<SharedEntry>, StoreError>;
+
     /// Messages in `session_id`'s segments that something outside the
     /// session refers to: other sessions' heads and checkpoints, and the
     /// branch points of other sessions' segments. Garbage collection keeps
@@ -204,6 +236,31 @@ impl<T: Store + ?Sized> Store for Arc<T> {
     }
     async fn external_refs(&self, session_id: &str) -> Result<Vec<MessageId>, StoreError> {
         (**self).external_refs(session_id).await
+    }
+    async fn shared_get(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<SharedEntry>, StoreError> {
+        (**self).shared_get(namespace, key).await
+    }
+    async fn shared_put(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Option<serde_json::Value>,
+        expected_version: Option<u64>,
+    ) -> Result<SharedEntry, StoreError> {
+        (**self)
+            .shared_put(namespace, key, value, expected_version)
+            .await
+    }
+    async fn shared_list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+    ) -> Result<Vec<SharedEntry>, StoreError> {
+        (**self).shared_list(namespace, prefix).await
     }
     async fn trim_segments(
         &self,

@@ -33,7 +33,7 @@ use tokio::sync::oneshot;
 
 use super::{
     check_version, from_micros, to_micros, CheckpointKind, CheckpointRecord, Commit, JsonMap,
-    LoadedSession, Message, MessageId, Role, SegmentId, SegmentInfo, SessionFilter, SessionRecord,
+    LoadedSession, Message, MessageId, Role, SegmentId, SegmentInfo, SessionFilter, SharedEntry, SessionRecord,
     SessionSummary, Store, StoreError,
 };
 
@@ -105,14 +105,35 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX checkpoints_session ON checkpoints(session_key, created_at);
     "#,
+    // v2: shared state (namespaced, versioned key/value).
+    r#"
+    CREATE TABLE shared (
+        namespace TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, key)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 enum WriteOp {
     Commit(Box<Encoded>),
     Trim(String, Vec<(i64, Option<u32>)>),
+    Shared(Box<SharedWrite>),
     Delete(String, Option<i64>),
     /// Copy the whole WAL into the database file and truncate it.
     Checkpoint,
+}
+
+/// A shared-state write; the entry written is left in `out` for the caller.
+struct SharedWrite {
+    namespace: String,
+    key: String,
+    value: Option<String>,
+    expected: Option<u64>,
+    out: Arc<Mutex<Option<SharedEntry>>>,
 }
 
 /// A commit with its JSON already encoded, so the single writer thread spends
@@ -453,6 +474,7 @@ fn apply_job(tx: &Transaction<'_>, job: &WriteJob) -> Result<bool, StoreError> {
         WriteOp::Delete(id, before) => apply_delete(tx, id, *before),
         WriteOp::Checkpoint => Ok(true),
         WriteOp::Trim(session, plan) => apply_trim(tx, session, plan),
+        WriteOp::Shared(w) => apply_shared(tx, w),
     }
 }
 
@@ -753,6 +775,62 @@ fn apply_delete(
     tx.execute("DELETE FROM checkpoints WHERE session_key=?1", [key])?;
     tx.execute("DELETE FROM sessions WHERE key=?1", [key])?;
     Ok(true)
+}
+
+fn apply_shared(tx: &Transaction<'_>, w: &SharedWrite) -> Result<bool, StoreError> {
+    let found: i64 = tx
+        .prepare_cached("SELECT version FROM shared WHERE namespace=?1 AND key=?2")?
+        .query_row(params![w.namespace, w.key], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    if let Some(expected) = w.expected {
+        if expected as i64 != found {
+            return Err(StoreError::VersionMismatch {
+                namespace: w.namespace.clone(),
+                key: w.key.clone(),
+                expected,
+                found: found as u64,
+            });
+        }
+    }
+    let at = super::now();
+    let version = found + 1;
+    let value = match &w.value {
+        Some(text) => {
+            tx.prepare_cached(
+                "INSERT INTO shared (namespace, key, value, version, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (namespace, key) DO UPDATE SET \
+                 value = excluded.value, version = excluded.version, updated_at = excluded.updated_at",
+            )?
+            .execute(params![w.namespace, w.key, text, version, to_micros(at)])?;
+            serde_json::from_str(text).unwrap_or(serde_json::Value::Null)
+        }
+        None => {
+            tx.prepare_cached("DELETE FROM shared WHERE namespace=?1 AND key=?2")?
+                .execute(params![w.namespace, w.key])?;
+            serde_json::Value::Null
+        }
+    };
+    *w.out.lock().unwrap_or_else(|p| p.into_inner()) = Some(SharedEntry {
+        namespace: w.namespace.clone(),
+        key: w.key.clone(),
+        value,
+        version: version as u64,
+        updated_at: at,
+    });
+    Ok(true)
+}
+
+fn shared_row(row: &rusqlite::Row<'_>) -> Result<SharedEntry, StoreError> {
+    let text: String = row.get(2)?;
+    Ok(SharedEntry {
+        namespace: row.get(0)?,
+        key: row.get(1)?,
+        value: serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("shared value: {e}")))?,
+        version: row.get::<_, i64>(3)? as u64,
+        updated_at: from_micros(row.get(4)?),
+    })
 }
 
 fn apply_trim(
@@ -1125,6 +1203,72 @@ impl Store for SqliteStore {
                 Some(row) => Ok(Some(checkpoint_row(row)?)),
                 None => Ok(None),
             }
+        })
+        .await
+    }
+
+    async fn shared_get(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<SharedEntry>, StoreError> {
+        let (ns, key) = (namespace.to_owned(), key.to_owned());
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT namespace, key, value, version, updated_at FROM shared \
+                 WHERE namespace=?1 AND key=?2",
+            )?;
+            let mut rows = stmt.query(params![ns, key])?;
+            match rows.next()? {
+                Some(row) => Ok(Some(shared_row(row)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn shared_put(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Option<serde_json::Value>,
+        expected_version: Option<u64>,
+    ) -> Result<SharedEntry, StoreError> {
+        let out = Arc::new(Mutex::new(None));
+        self.write(WriteOp::Shared(Box::new(SharedWrite {
+            namespace: namespace.to_owned(),
+            key: key.to_owned(),
+            value: value.map(|v| v.to_string()),
+            expected: expected_version,
+            out: out.clone(),
+        })))
+        .await?;
+        let entry = out.lock().unwrap_or_else(|p| p.into_inner()).take();
+        entry.ok_or_else(|| StoreError::Database("shared write left no entry".into()))
+    }
+
+    async fn shared_list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+    ) -> Result<Vec<SharedEntry>, StoreError> {
+        let (ns, prefix) = (namespace.to_owned(), prefix.to_owned());
+        self.read(move |conn| {
+            // Range scan on the primary key: keys >= prefix, stopping at the first that does not match.
+            let mut stmt = conn.prepare_cached(
+                "SELECT namespace, key, value, version, updated_at FROM shared \
+                 WHERE namespace=?1 AND key>=?2 ORDER BY key",
+            )?;
+            let mut rows = stmt.query(params![ns, prefix])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let e = shared_row(row)?;
+                if !e.key.starts_with(&prefix) {
+                    break;
+                }
+                out.push(e);
+            }
+            Ok(out)
         })
         .await
     }

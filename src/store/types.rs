@@ -351,6 +351,21 @@ pub struct Commit {
     pub drop_checkpoints: Vec<String>,
 }
 
+/// One key of a shared-state namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SharedEntry {
+    /// The namespace.
+    pub namespace: String,
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: serde_json::Value,
+    /// Incremented by every write of this key, from 1.
+    pub version: u64,
+    /// When it was last written.
+    pub updated_at: DateTime<Utc>,
+}
+
 /// A segment of a session, as the branch listing needs it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SegmentInfo {
