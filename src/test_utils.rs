@@ -181,6 +181,24 @@ impl<S: Store> Store for FailingStore<S> {
     async fn external_refs(&self, session_id: &str) -> Result<Vec<MessageId>, StoreError> {
         self.inner.external_refs(session_id).await
     }
+    async fn put_run(&self, run: &crate::store::RunRecord) -> Result<(), StoreError> {
+        self.inner.put_run(run).await
+    }
+    async fn get_run(&self, id: &str) -> Result<Option<crate::store::RunRecord>, StoreError> {
+        self.inner.get_run(id).await
+    }
+    async fn list_runs(&self, limit: usize) -> Result<Vec<crate::store::RunRecord>, StoreError> {
+        self.inner.list_runs(limit).await
+    }
+    async fn put_task_result(&self, result: &crate::store::TaskResult) -> Result<(), StoreError> {
+        self.inner.put_task_result(result).await
+    }
+    async fn task_results(
+        &self,
+        run_id: &str,
+    ) -> Result<Vec<crate::store::TaskResult>, StoreError> {
+        self.inner.task_results(run_id).await
+    }
     async fn shared_get(
         &self,
         namespace: &str,

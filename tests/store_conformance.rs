@@ -7,7 +7,8 @@ use chrono::Duration;
 use troupe::store::now as troupe_now;
 use troupe::store::{
     new_segment_id, CheckpointKind, CheckpointRecord, Commit, MemoryStore, Message, MessageId,
-    Role, Segment, SessionFilter, SessionRecord, SqliteStore, Store, StoreError, SyncMode,
+    Role, RunRecord, RunStatus, Segment, SessionFilter, SessionRecord, SqliteStore, Store,
+    StoreError, SyncMode, TaskResult,
 };
 
 fn msg(id: MessageId, parent: Option<MessageId>, role: Role, content: &str) -> Message {
@@ -301,23 +302,84 @@ async fn contract(store: Arc<dyn Store>) {
 
     // Shared state: versions from 1, preconditions, deletes, prefix listing per namespace.
     assert!(s.shared_get("ns", "k").await.unwrap().is_none());
-    let e = s.shared_put("ns", "k", Some(serde_json::json!({"a": 1})), Some(0)).await.unwrap();
+    let e = s
+        .shared_put("ns", "k", Some(serde_json::json!({"a": 1})), Some(0))
+        .await
+        .unwrap();
     assert_eq!(e.version, 1);
     assert!(matches!(
-        s.shared_put("ns", "k", Some(serde_json::json!(2)), Some(0)).await,
-        Err(StoreError::VersionMismatch { expected: 0, found: 1, .. })
+        s.shared_put("ns", "k", Some(serde_json::json!(2)), Some(0))
+            .await,
+        Err(StoreError::VersionMismatch {
+            expected: 0,
+            found: 1,
+            ..
+        })
     ));
-    assert_eq!(s.shared_put("ns", "k", Some(serde_json::json!(2)), Some(1)).await.unwrap().version, 2);
-    s.shared_put("ns", "k2", Some(serde_json::json!("x")), None).await.unwrap();
-    s.shared_put("ns", "j", Some(serde_json::json!("y")), None).await.unwrap();
-    s.shared_put("other", "k3", Some(serde_json::json!("z")), None).await.unwrap();
+    assert_eq!(
+        s.shared_put("ns", "k", Some(serde_json::json!(2)), Some(1))
+            .await
+            .unwrap()
+            .version,
+        2
+    );
+    s.shared_put("ns", "k2", Some(serde_json::json!("x")), None)
+        .await
+        .unwrap();
+    s.shared_put("ns", "j", Some(serde_json::json!("y")), None)
+        .await
+        .unwrap();
+    s.shared_put("other", "k3", Some(serde_json::json!("z")), None)
+        .await
+        .unwrap();
     let got = s.shared_get("ns", "k").await.unwrap().unwrap();
     assert_eq!((got.value, got.version), (serde_json::json!(2), 2));
-    let keys: Vec<_> = s.shared_list("ns", "k").await.unwrap().into_iter().map(|e| e.key).collect();
+    let keys: Vec<_> = s
+        .shared_list("ns", "k")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
     assert_eq!(keys, ["k", "k2"]);
     s.shared_put("ns", "k", None, Some(2)).await.unwrap();
     assert!(s.shared_get("ns", "k").await.unwrap().is_none());
     assert_eq!(s.shared_list("ns", "").await.unwrap().len(), 2);
+
+    // Workflow runs and task results: upserts, newest first.
+    let mut run = RunRecord {
+        id: "run-1".into(),
+        pipeline: "article".into(),
+        path: "pipelines/article.toml".into(),
+        inputs: serde_json::from_str(r#"{"topic": "qubits"}"#).unwrap(),
+        session_id: Some("alpha".into()),
+        status: RunStatus::Running,
+        created_at: troupe_now(),
+        updated_at: troupe_now(),
+    };
+    s.put_run(&run).await.unwrap();
+    run.status = RunStatus::Succeeded;
+    s.put_run(&run).await.unwrap();
+    assert_eq!(s.get_run("run-1").await.unwrap(), Some(run.clone()));
+    assert!(s.get_run("run-2").await.unwrap().is_none());
+    assert_eq!(s.list_runs(10).await.unwrap(), vec![run]);
+    let mut tr = TaskResult {
+        run_id: "run-1".into(),
+        task_id: "research".into(),
+        status: RunStatus::Running,
+        output: None,
+        attempts: 1,
+        error: None,
+        started_at: Some(troupe_now()),
+        finished_at: None,
+    };
+    s.put_task_result(&tr).await.unwrap();
+    tr.status = RunStatus::Succeeded;
+    tr.output = Some("facts".into());
+    tr.finished_at = Some(troupe_now());
+    s.put_task_result(&tr).await.unwrap();
+    assert_eq!(s.task_results("run-1").await.unwrap(), vec![tr]);
+    assert!(s.task_results("run-2").await.unwrap().is_empty());
 
     // Many sessions committing at once all land (group commit must not mix them up).
     let mut tasks = Vec::new();

@@ -10,8 +10,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    check_version, CheckpointRecord, SharedEntry, Commit, LoadedSession, Message, MessageId, Segment, SegmentId,
-    SegmentInfo, SessionFilter, SessionRecord, SessionSummary, Store, StoreError,
+    check_version, CheckpointRecord, Commit, LoadedSession, Message, MessageId, RunRecord, Segment,
+    SegmentId, SegmentInfo, SessionFilter, SessionRecord, SessionSummary, SharedEntry, Store,
+    StoreError, TaskResult,
 };
 
 #[derive(Default)]
@@ -22,6 +23,8 @@ struct Inner {
     messages: HashMap<SegmentId, Vec<Message>>,
     checkpoints: Vec<CheckpointRecord>,
     shared: std::collections::BTreeMap<(String, String), SharedEntry>,
+    runs: HashMap<String, RunRecord>,
+    task_results: std::collections::BTreeMap<(String, String), TaskResult>,
 }
 
 /// A store that keeps everything in process memory (nothing survives the process).
@@ -396,6 +399,40 @@ impl Store for MemoryStore {
             .shared
             .values()
             .filter(|e| e.namespace == namespace && e.key.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
+
+    async fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        self.lock().runs.insert(run.id.clone(), run.clone());
+        Ok(())
+    }
+
+    async fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        Ok(self.lock().runs.get(id).cloned())
+    }
+
+    async fn list_runs(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        let mut v: Vec<RunRecord> = self.lock().runs.values().cloned().collect();
+        v.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+        v.truncate(limit);
+        Ok(v)
+    }
+
+    async fn put_task_result(&self, result: &TaskResult) -> Result<(), StoreError> {
+        self.lock().task_results.insert(
+            (result.run_id.clone(), result.task_id.clone()),
+            result.clone(),
+        );
+        Ok(())
+    }
+
+    async fn task_results(&self, run_id: &str) -> Result<Vec<TaskResult>, StoreError> {
+        Ok(self
+            .lock()
+            .task_results
+            .values()
+            .filter(|r| r.run_id == run_id)
             .cloned()
             .collect())
     }

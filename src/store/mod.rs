@@ -143,8 +143,11 @@ pub trait Store: Send + Sync + 'static {
     async fn list_segments(&self, session_id: &str) -> Result<Vec<SegmentInfo>, StoreError>;
 
     /// One shared-state key.
-    async fn shared_get(&self, namespace: &str, key: &str)
-        -> Result<Option<SharedEntry>, StoreError>;
+    async fn shared_get(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<SharedEntry>, StoreError>;
 
     /// Writes (`Some`) or deletes (`None`) a shared-state key. With
     /// `expected_version`, only if the stored version is that one (0: the key
@@ -159,8 +162,26 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<SharedEntry, StoreError>;
 
     /// The keys of a namespace starting with `prefix`, sorted.
-    async fn shared_list(&self, namespace: &str, prefix: &str)
-        -> Result<Vec<SharedEntry>, StoreError>;
+    async fn shared_list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+    ) -> Result<Vec<SharedEntry>, StoreError>;
+
+    /// Creates or updates a workflow run.
+    async fn put_run(&self, run: &RunRecord) -> Result<(), StoreError>;
+
+    /// A run by id.
+    async fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError>;
+
+    /// Runs, newest first.
+    async fn list_runs(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError>;
+
+    /// Creates or updates one task's result (durable when this returns).
+    async fn put_task_result(&self, result: &TaskResult) -> Result<(), StoreError>;
+
+    /// A run's task results.
+    async fn task_results(&self, run_id: &str) -> Result<Vec<TaskResult>, StoreError>;
 
     /// Messages in `session_id`'s segments that something outside the
     /// session refers to: other sessions' heads and checkpoints, and the
@@ -236,6 +257,21 @@ impl<T: Store + ?Sized> Store for Arc<T> {
     }
     async fn external_refs(&self, session_id: &str) -> Result<Vec<MessageId>, StoreError> {
         (**self).external_refs(session_id).await
+    }
+    async fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        (**self).put_run(run).await
+    }
+    async fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        (**self).get_run(id).await
+    }
+    async fn list_runs(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        (**self).list_runs(limit).await
+    }
+    async fn put_task_result(&self, result: &TaskResult) -> Result<(), StoreError> {
+        (**self).put_task_result(result).await
+    }
+    async fn task_results(&self, run_id: &str) -> Result<Vec<TaskResult>, StoreError> {
+        (**self).task_results(run_id).await
     }
     async fn shared_get(
         &self,

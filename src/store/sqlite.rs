@@ -33,8 +33,8 @@ use tokio::sync::oneshot;
 
 use super::{
     check_version, from_micros, to_micros, CheckpointKind, CheckpointRecord, Commit, JsonMap,
-    LoadedSession, Message, MessageId, Role, SegmentId, SegmentInfo, SessionFilter, SharedEntry, SessionRecord,
-    SessionSummary, Store, StoreError,
+    LoadedSession, Message, MessageId, Role, RunRecord, RunStatus, SegmentId, SegmentInfo,
+    SessionFilter, SessionRecord, SessionSummary, SharedEntry, Store, StoreError, TaskResult,
 };
 
 /// Most jobs one transaction takes.
@@ -116,16 +116,45 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (namespace, key)
     ) WITHOUT ROWID;
     "#,
+    // v3: workflow runs and their task results.
+    r#"
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        pipeline TEXT NOT NULL,
+        path TEXT NOT NULL,
+        inputs TEXT NOT NULL,
+        session_id TEXT,
+        status TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX runs_created ON runs(created_at);
+    CREATE TABLE task_results (
+        run_id TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        output TEXT,
+        attempts INTEGER NOT NULL,
+        error TEXT,
+        started_at INTEGER,
+        finished_at INTEGER,
+        PRIMARY KEY (run_id, task_id)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 enum WriteOp {
     Commit(Box<Encoded>),
     Trim(String, Vec<(i64, Option<u32>)>),
     Shared(Box<SharedWrite>),
+    /// Plain statements (runs, task results); may run twice on the redo path.
+    Sql(Box<SqlWrite>),
     Delete(String, Option<i64>),
     /// Copy the whole WAL into the database file and truncate it.
     Checkpoint,
 }
+
+type SqlWrite = dyn Fn(&Transaction<'_>) -> Result<bool, StoreError> + Send;
 
 /// A shared-state write; the entry written is left in `out` for the caller.
 struct SharedWrite {
@@ -475,6 +504,7 @@ fn apply_job(tx: &Transaction<'_>, job: &WriteJob) -> Result<bool, StoreError> {
         WriteOp::Checkpoint => Ok(true),
         WriteOp::Trim(session, plan) => apply_trim(tx, session, plan),
         WriteOp::Shared(w) => apply_shared(tx, w),
+        WriteOp::Sql(f) => f(tx),
     }
 }
 
@@ -915,6 +945,26 @@ fn warm_up(conn: &Connection) {
     }
 }
 
+const RUN_SQL: &str =
+    "SELECT id, pipeline, path, inputs, session_id, status, created_at, updated_at FROM runs";
+
+fn run_row(row: &rusqlite::Row<'_>) -> Result<RunRecord, StoreError> {
+    let inputs: String = row.get(3)?;
+    let status: String = row.get(5)?;
+    Ok(RunRecord {
+        id: row.get(0)?,
+        pipeline: row.get(1)?,
+        path: row.get(2)?,
+        inputs: serde_json::from_str(&inputs)
+            .map_err(|e| StoreError::Corrupt(format!("run inputs: {e}")))?,
+        session_id: row.get(4)?,
+        status: RunStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("run status '{status}'")))?,
+        created_at: from_micros(row.get(6)?),
+        updated_at: from_micros(row.get(7)?),
+    })
+}
+
 const CHECKPOINT_SQL: &str = "SELECT c.id, c.head_segment, c.head_seq, c.label, c.description, \
     c.kind, c.state, c.created_at, s.id FROM checkpoints c JOIN sessions s ON s.key = c.session_key";
 
@@ -1267,6 +1317,111 @@ impl Store for SqliteStore {
                     break;
                 }
                 out.push(e);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        let r = run.clone();
+        let inputs = serde_json::to_string(&r.inputs).unwrap_or_else(|_| "{}".into());
+        self.write(WriteOp::Sql(Box::new(move |tx: &Transaction<'_>| {
+            tx.prepare_cached(
+                "INSERT INTO runs (id, pipeline, path, inputs, session_id, status, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO UPDATE SET \
+                 status = excluded.status, updated_at = excluded.updated_at, session_id = excluded.session_id",
+            )?
+            .execute(params![
+                r.id,
+                r.pipeline,
+                r.path,
+                inputs,
+                r.session_id,
+                r.status.as_str(),
+                to_micros(r.created_at),
+                to_micros(r.updated_at)
+            ])?;
+            Ok(true)
+        })))
+        .await
+        .map(|_| ())
+    }
+
+    async fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!("{RUN_SQL} WHERE id = ?1"))?;
+            let mut rows = stmt.query([&id])?;
+            match rows.next()? {
+                Some(row) => Ok(Some(run_row(row)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn list_runs(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt =
+                conn.prepare_cached(&format!("{RUN_SQL} ORDER BY created_at DESC, id LIMIT ?1"))?;
+            let mut rows = stmt.query([limit as i64])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(run_row(row)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_task_result(&self, result: &TaskResult) -> Result<(), StoreError> {
+        let r = result.clone();
+        self.write(WriteOp::Sql(Box::new(move |tx: &Transaction<'_>| {
+            tx.prepare_cached(
+                "INSERT INTO task_results (run_id, task_id, status, output, attempts, error, started_at, finished_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (run_id, task_id) DO UPDATE SET \
+                 status = excluded.status, output = excluded.output, attempts = excluded.attempts, \
+                 error = excluded.error, started_at = excluded.started_at, finished_at = excluded.finished_at",
+            )?
+            .execute(params![
+                r.run_id,
+                r.task_id,
+                r.status.as_str(),
+                r.output,
+                r.attempts as i64,
+                r.error,
+                r.started_at.map(to_micros),
+                r.finished_at.map(to_micros)
+            ])?;
+            Ok(true)
+        })))
+        .await
+        .map(|_| ())
+    }
+
+    async fn task_results(&self, run_id: &str) -> Result<Vec<TaskResult>, StoreError> {
+        let run_id = run_id.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT run_id, task_id, status, output, attempts, error, started_at, finished_at \
+                 FROM task_results WHERE run_id = ?1 ORDER BY task_id",
+            )?;
+            let mut rows = stmt.query([&run_id])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let status: String = row.get(2)?;
+                out.push(TaskResult {
+                    run_id: row.get(0)?,
+                    task_id: row.get(1)?,
+                    status: RunStatus::parse(&status)
+                        .ok_or_else(|| StoreError::Corrupt(format!("task status '{status}'")))?,
+                    output: row.get(3)?,
+                    attempts: row.get::<_, i64>(4)? as u32,
+                    error: row.get(5)?,
+                    started_at: row.get::<_, Option<i64>>(6)?.map(from_micros),
+                    finished_at: row.get::<_, Option<i64>>(7)?.map(from_micros),
+                });
             }
             Ok(out)
         })

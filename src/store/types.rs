@@ -351,6 +351,98 @@ pub struct Commit {
     pub drop_checkpoints: Vec<String>,
 }
 
+/// Where a workflow run or one of its tasks stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Not started yet.
+    Pending,
+    /// In progress.
+    Running,
+    /// Finished well.
+    Succeeded,
+    /// Failed (after its retries), or a dependency failed.
+    Failed,
+    /// Its `when` condition was false.
+    Skipped,
+    /// Stopped before the end (Ctrl-C, `--fail-fast`, a crash): resumable.
+    Interrupted,
+}
+
+impl RunStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Pending => "pending",
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Skipped => "skipped",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+
+    /// The status stored as `s`.
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        Some(match s {
+            "pending" => RunStatus::Pending,
+            "running" => RunStatus::Running,
+            "succeeded" => RunStatus::Succeeded,
+            "failed" => RunStatus::Failed,
+            "skipped" => RunStatus::Skipped,
+            "interrupted" => RunStatus::Interrupted,
+            _ => return None,
+        })
+    }
+
+    /// Whether a task in this state is done for good (not run again on resume).
+    pub fn is_final(self) -> bool {
+        matches!(self, RunStatus::Succeeded | RunStatus::Skipped)
+    }
+}
+
+/// A workflow run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The run id.
+    pub id: String,
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// The pipeline file it was started from.
+    pub path: String,
+    /// The inputs it was started with.
+    pub inputs: JsonMap,
+    /// The session its results go to, if any.
+    pub session_id: Option<String>,
+    /// Where it stands.
+    pub status: RunStatus,
+    /// When it was started.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One task's result in a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// The run.
+    pub run_id: String,
+    /// The task.
+    pub task_id: String,
+    /// Where it stands.
+    pub status: RunStatus,
+    /// Its output (the agent's reply).
+    pub output: Option<String>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error, if it failed.
+    pub error: Option<String>,
+    /// When it started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
 /// One key of a shared-state namespace.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SharedEntry {
