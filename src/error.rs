@@ -24,6 +24,9 @@ pub enum Error {
     /// A session file.
     #[error(transparent)]
     File(#[from] FileError),
+    /// A pipeline or a workflow run.
+    #[error(transparent)]
+    Workflow(#[from] crate::workflow::WorkflowError),
     /// No session has this id.
     #[error("session '{0}' not found")]
     SessionNotFound(String),

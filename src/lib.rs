@@ -24,6 +24,7 @@
 //! - [`agent`]: agent definitions (`agents/*.toml`) and the `AgentActor`.
 //! - [`model`]: the [`ChatModel`] trait; `echo` and `openai` providers.
 //! - [`state`]: [`SharedState`] — namespaced, versioned key/value shared by agents and sessions.
+//! - [`workflow`]: config-file pipelines — parsing, validation, templates, scheduling, graphs.
 //! - [`store`]: the [`Store`] trait; `memory` and `sqlite` backends; session files.
 //! - [`config`]: `config.toml` and environment overrides.
 //! - [`bench`]: the built-in benchmark (`troupe bench`).
@@ -40,6 +41,7 @@ pub mod runtime;
 pub mod session;
 pub mod state;
 pub mod store;
+pub mod workflow;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

@@ -370,7 +370,10 @@ impl Runtime {
             .entry(ns.clone())
             .or_insert_with(|| {
                 let n = core.arbiters.len().max(1);
-                let i = ns.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % n;
+                let i = ns
+                    .bytes()
+                    .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+                    % n;
                 let (name, store) = (Arc::<str>::from(ns.as_str()), core.store.clone());
                 crate::state::SharedStateActor::start_in_arbiter(&core.arbiters[i], move |_| {
                     crate::state::SharedStateActor::new(name, store)

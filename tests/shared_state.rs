@@ -22,23 +22,37 @@ async fn set_get_list_delete_and_versions_survive_a_restart() {
         let s = rt.shared_state("project_x");
         assert_eq!(s.set("article.draft", "v1 text").await.unwrap(), 1);
         assert_eq!(s.set("article.draft", "v2 text").await.unwrap(), 2);
-        s.set("article.title", serde_json::json!({"en": "Qubits"})).await.unwrap();
+        s.set("article.title", serde_json::json!({"en": "Qubits"}))
+            .await
+            .unwrap();
         s.set("notes", 3).await.unwrap();
-        rt.shared_state("other").set("article.draft", "elsewhere").await.unwrap();
+        rt.shared_state("other")
+            .set("article.draft", "elsewhere")
+            .await
+            .unwrap();
         rt.shutdown().await.unwrap();
     }
     let rt = sqlite_rt(dir.path()).await;
     let s = rt.shared_state("project_x");
     let e = s.get("article.draft").await.unwrap().unwrap();
     assert_eq!((e.value.as_str(), e.version), (Some("v2 text"), 2));
-    let keys: Vec<_> = s.list("article.").await.unwrap().into_iter().map(|e| e.key).collect();
+    let keys: Vec<_> = s
+        .list("article.")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
     assert_eq!(keys, ["article.draft", "article.title"]);
     assert_eq!(s.list("").await.unwrap().len(), 3);
     assert!(s.delete("notes").await.unwrap());
     assert!(!s.delete("notes").await.unwrap());
     assert!(s.get("notes").await.unwrap().is_none());
     assert_eq!(
-        rt.shared_state("other").value("article.draft").await.unwrap(),
+        rt.shared_state("other")
+            .value("article.draft")
+            .await
+            .unwrap(),
         Some(serde_json::json!("elsewhere"))
     );
 }
@@ -53,7 +67,10 @@ async fn compare_and_set_refuses_a_stale_version_and_changes_nothing() {
     assert!(err.to_string().contains("cas/k"), "{err}");
     let err = s.compare_and_set("k", 7, "stale").await.unwrap_err();
     assert!(err.is_version_mismatch());
-    assert_eq!(s.value("k").await.unwrap(), Some(serde_json::json!("first")));
+    assert_eq!(
+        s.value("k").await.unwrap(),
+        Some(serde_json::json!("first"))
+    );
     assert_eq!(s.compare_and_set("k", 1, "second").await.unwrap(), 2);
 }
 
@@ -115,7 +132,12 @@ async fn subscribers_see_every_change_in_order() {
 #[tokio::test]
 async fn agents_of_a_session_see_each_other_and_the_shared_state() {
     let model = troupe::test_utils::ScriptedModel::new();
-    let rt = Runtime::builder().memory_store().model(model.clone()).build().await.unwrap();
+    let rt = Runtime::builder()
+        .memory_store()
+        .model(model.clone())
+        .build()
+        .await
+        .unwrap();
     let researcher = rt.agent("researcher").unwrap();
     let writer = rt.agent("writer").unwrap();
     let shared = rt.shared_state("project_x");
@@ -128,13 +150,22 @@ async fn agents_of_a_session_see_each_other_and_the_shared_state() {
         .await
         .unwrap();
     model.push("Qubits are two-level quantum systems.");
-    session.run_agent("researcher", "Research quantum computing").await.unwrap();
-    session.run_agent("writer", "Write an article based on the research").await.unwrap();
+    session
+        .run_agent("researcher", "Research quantum computing")
+        .await
+        .unwrap();
+    session
+        .run_agent("writer", "Write an article based on the research")
+        .await
+        .unwrap();
     let requests = model.requests();
     let writer_prompt = &requests[1];
     let system = &writer_prompt.messages[0].content;
     assert!(system.contains("writer"), "{system}");
-    assert!(system.contains("Shared state (project_x):\n- style: plain English"), "{system}");
+    assert!(
+        system.contains("Shared state (project_x):\n- style: plain English"),
+        "{system}"
+    );
     // The writer sees the researcher's words, named as the researcher's.
     let research = writer_prompt
         .messages
@@ -144,10 +175,16 @@ async fn agents_of_a_session_see_each_other_and_the_shared_state() {
     assert_eq!(research.name.as_deref(), Some("researcher"));
     // Each message records which agent wrote it.
     let h = session.history().await.unwrap();
-    let authors: Vec<_> = h.iter().map(|m| m.agent.clone().unwrap_or_default()).collect();
+    let authors: Vec<_> = h
+        .iter()
+        .map(|m| m.agent.clone().unwrap_or_default())
+        .collect();
     assert_eq!(authors, ["researcher", "researcher", "writer", "writer"]);
     // The namespace is remembered with the session.
     drop(session);
     let again = rt.session("project_x").existing().open().await.unwrap();
-    assert_eq!(again.record().await.unwrap().metadata["shared_state"], "project_x");
+    assert_eq!(
+        again.record().await.unwrap().metadata["shared_state"],
+        "project_x"
+    );
 }

@@ -310,7 +310,8 @@ impl Handler<Open> for SessionActor {
                 };
                 let mut r = SessionRecord::new(&*self.id, msg.user_id.clone(), agents);
                 if let Some(ns) = &msg.shared_state {
-                    r.metadata.insert(SHARED_STATE_KEY.into(), ns.clone().into());
+                    r.metadata
+                        .insert(SHARED_STATE_KEY.into(), ns.clone().into());
                 }
                 r.state_version = 1;
                 (r, None)
@@ -612,7 +613,8 @@ impl Handler<Chat> for SessionActor {
         let store = self.core.store.clone();
         AtomicResponse::new(Box::pin(
             async move {
-                let request = with_shared_state(&store, plan.shared_state.as_deref(), request).await?;
+                let request =
+                    with_shared_state(&store, plan.shared_state.as_deref(), request).await?;
                 let resp = addr
                     .send(Generate(request))
                     .await
@@ -664,7 +666,8 @@ impl Handler<ChatStream> for SessionActor {
         let tx2 = tx.clone();
         AtomicResponse::new(Box::pin(
             async move {
-                let request = with_shared_state(&store, plan.shared_state.as_deref(), request).await?;
+                let request =
+                    with_shared_state(&store, plan.shared_state.as_deref(), request).await?;
                 let mut stream = addr
                     .send(GenerateStream(request))
                     .await

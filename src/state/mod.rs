@@ -132,7 +132,11 @@ fn unavailable(ns: &str, e: MailboxError) -> Error {
 }
 
 impl SharedState {
-    pub(crate) fn new(namespace: Arc<str>, addr: Addr<SharedStateActor>, store: Arc<dyn Store>) -> Self {
+    pub(crate) fn new(
+        namespace: Arc<str>,
+        addr: Addr<SharedStateActor>,
+        store: Arc<dyn Store>,
+    ) -> Self {
         SharedState {
             namespace,
             addr,
@@ -210,24 +214,29 @@ impl SharedState {
 
     /// Every change from now on, in order. A subscriber that falls more
     /// than 1,024 changes behind gets an error item and then the newer changes.
-    pub async fn subscribe(&self) -> Result<impl Stream<Item = Result<SharedChange>> + Send + 'static> {
+    pub async fn subscribe(
+        &self,
+    ) -> Result<impl Stream<Item = Result<SharedChange>> + Send + 'static> {
         let rx = self
             .addr
             .send(Subscribe)
             .await
             .map_err(|e| unavailable(&self.namespace, e))?;
         let ns = self.namespace.clone();
-        Ok(futures::stream::unfold((rx, ns), |(mut rx, ns)| async move {
-            match rx.recv().await {
-                Ok(c) => Some((Ok(c), (rx, ns))),
-                Err(broadcast::error::RecvError::Lagged(n)) => Some((
-                    Err(Error::Runtime(format!(
-                        "shared state '{ns}': subscriber missed {n} changes"
-                    ))),
-                    (rx, ns),
-                )),
-                Err(broadcast::error::RecvError::Closed) => None,
-            }
-        }))
+        Ok(futures::stream::unfold(
+            (rx, ns),
+            |(mut rx, ns)| async move {
+                match rx.recv().await {
+                    Ok(c) => Some((Ok(c), (rx, ns))),
+                    Err(broadcast::error::RecvError::Lagged(n)) => Some((
+                        Err(Error::Runtime(format!(
+                            "shared state '{ns}': subscriber missed {n} changes"
+                        ))),
+                        (rx, ns),
+                    )),
+                    Err(broadcast::error::RecvError::Closed) => None,
+                }
+            },
+        ))
     }
 }
