@@ -227,8 +227,11 @@ impl<S: Store> Store for FailingStore<S> {
     async fn trim_segments(
         &self,
         session_id: &str,
+        expected_version: u64,
         plan: Vec<(crate::store::SegmentId, Option<u32>)>,
     ) -> Result<u64, StoreError> {
-        self.inner.trim_segments(session_id, plan).await
+        self.inner
+            .trim_segments(session_id, expected_version, plan)
+            .await
     }
 }

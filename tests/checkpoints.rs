@@ -432,3 +432,93 @@ async fn a_checkpoint_exported_to_a_file_imports_into_another_store_with_the_sam
     assert_eq!(loaded.user_data().await.unwrap()["k"], "v1");
     assert_eq!(loaded.metadata().await.unwrap().interactions, 1);
 }
+
+async fn edge_cases(rt: &Runtime) {
+    // A fork that has not chatted yet survives the deletion of its parent.
+    let p = rt.session("parent").open().await.unwrap();
+    p.chat("p1").await.unwrap();
+    let cp = p.checkpoint("fork point").await.unwrap();
+    let f = p.fork(&cp, "child").await.unwrap();
+    assert!(rt.delete_session("parent").await.unwrap());
+    assert_eq!(
+        contents(&f.history().await.unwrap()),
+        ["p1", "reply to: p1"]
+    );
+    let fresh = rt.session("child").existing().open().await.unwrap();
+    assert_eq!(fresh.history().await.unwrap().len(), 2);
+
+    // Restoring right after a collection still protects the tip it leaves.
+    let s = rt.session("tips").open().await.unwrap();
+    s.chat("a").await.unwrap();
+    let cp = s.checkpoint("a").await.unwrap();
+    s.chat("tip").await.unwrap();
+    s.collect_garbage().await.unwrap();
+    s.restore(&cp).await.unwrap();
+    assert_eq!(s.collect_garbage().await.unwrap().messages_deleted, 0);
+    let tip = s
+        .branches()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| !b.current)
+        .expect("the tip left by restore is still a branch");
+    let h = rt.store().history(tip.head, None).await.unwrap();
+    assert_eq!(h[2].content, "tip");
+
+    // A fork from a checkpoint whose messages were collected is refused, and leaves nothing.
+    let g = rt.session("gone").open().await.unwrap();
+    g.chat("keep").await.unwrap();
+    let keep = g.checkpoint("keep").await.unwrap();
+    g.chat("doomed").await.unwrap();
+    let doomed = g.checkpoint("doomed").await.unwrap();
+    g.restore(&keep).await.unwrap();
+    for c in g.checkpoints().await.unwrap() {
+        if c.id != keep.id {
+            g.delete_checkpoint(&c.id).await.unwrap();
+        }
+    }
+    assert_eq!(g.collect_garbage().await.unwrap().messages_deleted, 2);
+    let err = g.fork(&doomed, "from-doomed").await.unwrap_err();
+    assert!(err.to_string().contains("no longer exists"), "{err}");
+    assert!(rt.session("from-doomed").existing().open().await.is_err());
+
+    // Merging onto an existing id changes nothing.
+    let a = rt.session("ma").open().await.unwrap();
+    let b = rt.session("mb").open().await.unwrap();
+    a.chat("x").await.unwrap();
+    b.chat("y").await.unwrap();
+    let victim = rt.session("taken").open().await.unwrap();
+    victim.chat("mine").await.unwrap();
+    assert!(a.merge_as(&b, "taken").await.is_err());
+    assert_eq!(
+        contents(&victim.history().await.unwrap()),
+        ["mine", "reply to: mine"]
+    );
+}
+
+#[tokio::test]
+async fn edge_cases_memory() {
+    edge_cases(&memory_rt().await).await;
+}
+
+#[tokio::test]
+async fn edge_cases_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    edge_cases(&sqlite_rt(dir.path()).await).await;
+}
+
+#[tokio::test]
+async fn garbage_collection_on_a_stale_actor_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = sqlite_rt(dir.path()).await;
+    let b = sqlite_rt(dir.path()).await;
+    let sa = a.session("shared").open().await.unwrap();
+    sa.chat("one").await.unwrap();
+    let sb = b.session("shared").open().await.unwrap(); // b loads after turn one
+    sa.chat("two").await.unwrap(); // b is now stale
+    let err = sb.collect_garbage().await.unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    assert_eq!(sa.history().await.unwrap().len(), 4);
+    // b reloads and collects nothing (everything is on the head's path).
+    assert_eq!(sb.collect_garbage().await.unwrap().messages_deleted, 0);
+}

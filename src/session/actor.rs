@@ -1024,8 +1024,8 @@ impl Handler<Restore> for SessionActor {
 
     fn handle(&mut self, msg: Restore, _: &mut Context<Self>) -> Self::Result {
         self.last_active = Instant::now();
-        let (record, at_branch_tip) = match self.live() {
-            Ok(s) => (s.record.clone(), s.can_append),
+        let record = match self.live() {
+            Ok(s) => s.record.clone(),
             Err(e) => return done(Err(e)),
         };
         let store = self.core.store.clone();
@@ -1060,7 +1060,7 @@ impl Handler<Restore> for SessionActor {
                 next.updated_at = now();
                 next.state_version = record.state_version + 1;
                 let target = cp.label.clone().unwrap_or_else(|| cp.id.clone());
-                let protect = branch_guard(&record, at_branch_tip, cp.head, &target);
+                let protect = branch_guard(&store, &record, cp.head, &target).await?;
                 store
                     .commit(Commit {
                         record: next.clone(),
@@ -1135,8 +1135,8 @@ impl Handler<RestoreTo> for SessionActor {
 
     fn handle(&mut self, msg: RestoreTo, _: &mut Context<Self>) -> Self::Result {
         self.last_active = Instant::now();
-        let (record, at_branch_tip) = match self.live() {
-            Ok(s) => (s.record.clone(), s.can_append),
+        let record = match self.live() {
+            Ok(s) => s.record.clone(),
             Err(e) => return done(Err(e)),
         };
         let store = self.core.store.clone();
@@ -1154,7 +1154,7 @@ impl Handler<RestoreTo> for SessionActor {
                 let target = msg
                     .head
                     .map_or_else(|| "the root".to_string(), |h| h.to_string());
-                let protect = branch_guard(&record, at_branch_tip, msg.head, &target);
+                let protect = branch_guard(&store, &record, msg.head, &target).await?;
                 store
                     .commit(Commit {
                         record: next.clone(),
@@ -1190,15 +1190,25 @@ impl Handler<RestoreTo> for SessionActor {
     }
 }
 
-/// Leaving the tip of a branch: a checkpoint of it, so the branch stays
+/// Leaving the head for another place: unless a checkpoint already points
+/// at the head being left, one is added (kind `Branch`), so that branch stays
 /// reachable and garbage collection never takes it.
-fn branch_guard(
+async fn branch_guard(
+    store: &Arc<dyn crate::store::Store>,
     record: &SessionRecord,
-    at_branch_tip: bool,
     new_head: Option<MessageId>,
     target: &str,
-) -> Option<CheckpointRecord> {
-    (at_branch_tip && record.head != new_head).then(|| CheckpointRecord {
+) -> Result<Option<CheckpointRecord>> {
+    if record.head.is_none() || record.head == new_head {
+        return Ok(None);
+    }
+    // Already reachable through a checkpoint of its own: nothing to add.
+    let covered = store
+        .list_checkpoints(&record.id)
+        .await?
+        .iter()
+        .any(|c| c.head == record.head);
+    Ok((!covered).then(|| CheckpointRecord {
         id: uuid::Uuid::new_v4().to_string(),
         session_id: record.id.clone(),
         head: record.head,
@@ -1207,7 +1217,7 @@ fn branch_guard(
         kind: CheckpointKind::Branch,
         state: record.clone(),
         created_at: now(),
-    })
+    }))
 }
 
 /// Delete a checkpoint of this session.
@@ -1284,8 +1294,8 @@ impl Handler<CollectGarbage> for SessionActor {
 
     fn handle(&mut self, _: CollectGarbage, _: &mut Context<Self>) -> Self::Result {
         self.last_active = Instant::now();
-        let (id, head) = match self.live() {
-            Ok(s) => (s.record.id.clone(), s.record.head),
+        let (id, head, version) = match self.live() {
+            Ok(s) => (s.record.id.clone(), s.record.head, s.record.state_version),
             Err(e) => return done(Err(e)),
         };
         let store = self.core.store.clone();
@@ -1304,7 +1314,7 @@ impl Handler<CollectGarbage> for SessionActor {
                 let messages_deleted = if plan.is_empty() {
                     0
                 } else {
-                    store.trim_segments(&id, plan).await?
+                    store.trim_segments(&id, version, plan).await?
                 };
                 Ok(crate::checkpoint::GcReport {
                     messages_deleted,
@@ -1313,12 +1323,11 @@ impl Handler<CollectGarbage> for SessionActor {
                 })
             }
             .into_actor(self)
-            .map(|res, act, _| {
-                if res.is_ok() {
-                    // A trimmed segment may now end at the head: extending it is fine.
-                    if let Some(s) = act.live_mut() {
-                        s.can_append = false;
-                    }
+            .map(|res: Result<crate::checkpoint::GcReport>, act, ctx| {
+                // The head is a root, so its segment's tip is never cut:
+                // `can_append` stays true where it was.
+                if res.as_ref().is_err_and(|e| e.is_conflict()) {
+                    act.invalidate(ctx);
                 }
                 res
             }),

@@ -711,11 +711,6 @@ impl Session {
     ) -> Result<(Session, MergeReport)> {
         let new_id = new_id.into();
         validate_session_id(&new_id)?;
-        if self.rt.store().load_session(&new_id, 0).await?.is_some() {
-            return Err(Error::InvalidRequest(format!(
-                "session '{new_id}' already exists; choose another id for the merge"
-            )));
-        }
         let a = self.export().await?;
         let b = other.export().await?;
         let b_newer = b.record.updated_at > a.record.updated_at;
@@ -766,7 +761,16 @@ impl Session {
             messages: history.len(),
             conflicts,
         };
-        let merged = self.rt.import(SessionDocument { record, history }).await?;
+        let merged = self
+            .rt
+            .create_from(SessionDocument { record, history })
+            .await
+            .map_err(|e| match e {
+                Error::Store(StoreError::Conflict { .. }) => Error::InvalidRequest(format!(
+                    "session '{new_id}' already exists; choose another id for the merge"
+                )),
+                other => other,
+            })?;
         Ok((merged, report))
     }
 
@@ -834,6 +838,17 @@ impl Runtime {
     /// small state the checkpoint's snapshot.
     pub async fn fork(&self, checkpoint: &Checkpoint, new_id: String) -> Result<Session> {
         validate_session_id(&new_id)?;
+        if let Some(head) = checkpoint.head {
+            // A deleted and collected checkpoint may point at nothing now.
+            let reachable =
+                matches!(self.store().history(head, Some(1)).await, Ok(h) if !h.is_empty());
+            if !reachable {
+                return Err(Error::InvalidRequest(format!(
+                    "checkpoint '{}' points at message {head}, which no longer exists",
+                    checkpoint.id
+                )));
+            }
+        }
         let mut record = checkpoint.state.clone();
         let at = crate::store::now();
         record.id = new_id.clone();
@@ -864,6 +879,53 @@ impl Runtime {
             Err(e) => return Err(e.into()),
         }
         self.session(new_id).existing().open().await
+    }
+
+    /// Creates a new session from a document in one atomic write: its record
+    /// and its whole history (copied into a new segment). Refused with a
+    /// conflict if the id exists — it never replaces anything.
+    pub async fn create_from(&self, doc: SessionDocument) -> Result<Session> {
+        validate_session_id(&doc.record.id)?;
+        let at = crate::store::now();
+        let mut record = doc.record;
+        let segment = crate::store::Segment {
+            id: crate::store::new_segment_id(),
+            session_id: record.id.clone(),
+            parent: None,
+            created_at: at,
+        };
+        let mut parent = None;
+        let messages: Vec<Message> = doc
+            .history
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let id = MessageId {
+                    segment: segment.id,
+                    seq: i as u32,
+                };
+                let out = Message { id, parent, ..m };
+                parent = Some(id);
+                out
+            })
+            .collect();
+        record.head = messages.last().map(|m| m.id);
+        record.created_at = at;
+        record.updated_at = at;
+        record.state_version = 1;
+        let id = record.id.clone();
+        self.store()
+            .commit(crate::store::Commit {
+                record,
+                expected_version: None,
+                small_state_changed: true,
+                new_segment: (!messages.is_empty()).then_some(segment),
+                messages,
+                checkpoints: Vec::new(),
+                drop_checkpoints: Vec::new(),
+            })
+            .await?;
+        self.session(id).existing().open().await
     }
 
     /// Puts a session document into the store and opens the session.

@@ -208,16 +208,36 @@ impl Store for MemoryStore {
         }
         inner.sessions.remove(id);
         inner.checkpoints.retain(|c| c.session_id != id);
-        // Keep every segment that another session's history passes through:
-        // the ancestors of all other sessions' segments.
+        // Keep every segment another session's history passes through:
+        // where other sessions' heads, checkpoints and segments point, and
+        // every ancestor of those. (This session's row and checkpoints are
+        // already gone, so only others remain.)
+        let starts: Vec<SegmentId> = inner
+            .segments
+            .values()
+            .filter(|s| s.session_id != id)
+            .filter_map(|s| s.parent.map(|p| p.segment))
+            .chain(
+                inner
+                    .sessions
+                    .values()
+                    .filter_map(|r| r.head.map(|h| h.segment)),
+            )
+            .chain(
+                inner
+                    .checkpoints
+                    .iter()
+                    .filter_map(|c| c.head.map(|h| h.segment)),
+            )
+            .collect();
         let mut keep: HashSet<SegmentId> = HashSet::new();
-        for seg in inner.segments.values().filter(|s| s.session_id != id) {
-            let mut parent = seg.parent.map(|p| p.segment);
-            while let Some(p) = parent {
+        for start in starts {
+            let mut next = Some(start);
+            while let Some(p) = next {
                 if !keep.insert(p) {
                     break;
                 }
-                parent = inner
+                next = inner
                     .segments
                     .get(&p)
                     .and_then(|s| s.parent.map(|m| m.segment));
@@ -310,9 +330,18 @@ impl Store for MemoryStore {
     async fn trim_segments(
         &self,
         session_id: &str,
+        expected_version: u64,
         plan: Vec<(SegmentId, Option<u32>)>,
     ) -> Result<u64, StoreError> {
         let mut inner = self.lock();
+        let found = inner.sessions.get(session_id).map(|r| r.state_version);
+        if found != Some(expected_version) {
+            return Err(StoreError::Conflict {
+                session: session_id.into(),
+                expected: Some(expected_version),
+                found,
+            });
+        }
         let mut deleted = 0u64;
         for (seg, keep) in plan {
             if inner

@@ -191,10 +191,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes messages of `session_id`'s own segments: for each
     /// `(segment, keep)`, those after seq `keep`, or the whole segment when
-    /// `keep` is `None`. Returns how many messages were deleted.
+    /// `keep` is `None`. Refused with [`StoreError::Conflict`] unless the
+    /// session's `state_version` is still `expected_version` (the plan was
+    /// made from that state). Returns how many messages were deleted.
     async fn trim_segments(
         &self,
         session_id: &str,
+        expected_version: u64,
         plan: Vec<(SegmentId, Option<u32>)>,
     ) -> Result<u64, StoreError>;
 
@@ -301,9 +304,12 @@ impl<T: Store + ?Sized> Store for Arc<T> {
     async fn trim_segments(
         &self,
         session_id: &str,
+        expected_version: u64,
         plan: Vec<(SegmentId, Option<u32>)>,
     ) -> Result<u64, StoreError> {
-        (**self).trim_segments(session_id, plan).await
+        (**self)
+            .trim_segments(session_id, expected_version, plan)
+            .await
     }
 }
 

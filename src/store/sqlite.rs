@@ -145,7 +145,7 @@ const MIGRATIONS: &[&str] = &[
 
 enum WriteOp {
     Commit(Box<Encoded>),
-    Trim(String, Vec<(i64, Option<u32>)>),
+    Trim(String, u64, Vec<(i64, Option<u32>)>),
     Shared(Box<SharedWrite>),
     /// Plain statements (runs, task results); may run twice on the redo path.
     Sql(Box<SqlWrite>),
@@ -502,7 +502,7 @@ fn apply_job(tx: &Transaction<'_>, job: &WriteJob) -> Result<bool, StoreError> {
         WriteOp::Commit(e) => apply_commit(tx, e).map(|_| true),
         WriteOp::Delete(id, before) => apply_delete(tx, id, *before),
         WriteOp::Checkpoint => Ok(true),
-        WriteOp::Trim(session, plan) => apply_trim(tx, session, plan),
+        WriteOp::Trim(session, version, plan) => apply_trim(tx, session, *version, plan),
         WriteOp::Shared(w) => apply_shared(tx, w),
         WriteOp::Sql(f) => f(tx),
     }
@@ -786,11 +786,14 @@ fn apply_delete(
         .optional()?;
     let Some(key) = key else { return Ok(false) };
     // This session's segments except those another session's history passes
-    // through (the ancestors of every other session's segments). Session
+    // through: where other sessions' heads, checkpoints and segments point,
+    // and every ancestor of those. Session
     // keys are never reused (AUTOINCREMENT), so a kept segment's owner key
     // can never be mistaken for a later session's.
     const DOOMED: &str = "WITH RECURSIVE keep(id) AS ( \
           SELECT parent_segment FROM segments WHERE session_key != ?1 AND parent_segment IS NOT NULL \
+          UNION SELECT head_segment FROM sessions WHERE key != ?1 AND head_segment IS NOT NULL \
+          UNION SELECT head_segment FROM checkpoints WHERE session_key != ?1 AND head_segment IS NOT NULL \
           UNION SELECT s.parent_segment FROM segments s JOIN keep k ON s.id = k.id \
           WHERE s.parent_segment IS NOT NULL) \
         SELECT id FROM segments WHERE session_key = ?1 AND id NOT IN keep";
@@ -866,13 +869,26 @@ fn shared_row(row: &rusqlite::Row<'_>) -> Result<SharedEntry, StoreError> {
 fn apply_trim(
     tx: &Transaction<'_>,
     session: &str,
+    expected_version: u64,
     plan: &[(i64, Option<u32>)],
 ) -> Result<bool, StoreError> {
-    let key: Option<i64> = tx
-        .prepare_cached("SELECT key FROM sessions WHERE id=?1")?
-        .query_row([session], |r| r.get(0))
+    let row: Option<(i64, i64)> = tx
+        .prepare_cached("SELECT key, state_version FROM sessions WHERE id=?1")?
+        .query_row([session], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    let Some(key) = key else { return Ok(false) };
+    // The plan was made from one state of the session: refuse it if another
+    // writer has moved the session on since (its new messages are roots the
+    // plan did not see).
+    if row.map(|r| r.1 as u64) != Some(expected_version) {
+        return Err(StoreError::Conflict {
+            session: session.into(),
+            expected: Some(expected_version),
+            found: row.map(|r| r.1 as u64),
+        });
+    }
+    let Some((key, _)) = row else {
+        return Ok(false);
+    };
     for (seg, keep) in plan {
         let owned: Option<i64> = tx
             .prepare_cached("SELECT 1 FROM segments WHERE id=?1 AND session_key=?2")?
@@ -1462,6 +1478,7 @@ impl Store for SqliteStore {
     async fn trim_segments(
         &self,
         session_id: &str,
+        expected_version: u64,
         plan: Vec<(SegmentId, Option<u32>)>,
     ) -> Result<u64, StoreError> {
         // Counted first: the session's actor runs collection atomically, so
@@ -1482,7 +1499,7 @@ impl Store for SqliteStore {
             })
             .await?
         };
-        self.write(WriteOp::Trim(session_id.to_owned(), plan))
+        self.write(WriteOp::Trim(session_id.to_owned(), expected_version, plan))
             .await?;
         Ok(before)
     }
