@@ -195,6 +195,25 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// `[workflow]`: pipeline runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkflowConfig {
+    /// Most tasks of one run at once.
+    pub max_parallel: usize,
+    /// First retry delay of a failed task, milliseconds (doubles each retry).
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for WorkflowConfig {
+    fn default() -> Self {
+        WorkflowConfig {
+            max_parallel: 4,
+            retry_backoff_ms: 500,
+        }
+    }
+}
+
 /// `[agents]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -228,6 +247,8 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// `[checkpoint]`
     pub checkpoint: CheckpointConfig,
+    /// `[workflow]`
+    pub workflow: WorkflowConfig,
     /// `[agents]`
     pub agents: AgentsConfig,
     /// The file this was read from, if any.

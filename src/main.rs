@@ -46,6 +46,14 @@ enum Command {
     /// Numbered versions of a session: list, save, restore.
     #[command(subcommand)]
     Versions(VersionsCmd),
+    /// Run a pipeline (or resume one with --resume RUN_ID).
+    Run(RunArgs),
+    /// Check or draw a pipeline without running it.
+    #[command(subcommand)]
+    Pipeline(PipelineCmd),
+    /// Workflow runs: list, show.
+    #[command(subcommand)]
+    Runs(RunsCmd),
     /// The agent definitions (agents/*.toml).
     #[command(subcommand)]
     Agents(AgentsCmd),
@@ -259,6 +267,78 @@ enum VersionsCmd {
     },
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// The pipeline file (TOML or JSON).
+    pipeline: PathBuf,
+    /// An input, NAME=VALUE (repeatable).
+    #[arg(long = "input", short = 'i', value_parser = parse_input)]
+    inputs: Vec<(String, String)>,
+    /// The session the results go into.
+    #[arg(long, short)]
+    session: Option<String>,
+    /// Continue this run: finished tasks are not run again.
+    #[arg(long)]
+    resume: Option<String>,
+    /// Most tasks at once (default: [workflow] max_parallel).
+    #[arg(long)]
+    max_parallel: Option<usize>,
+    /// Stop starting tasks after the first failure.
+    #[arg(long)]
+    fail_fast: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_input(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("'{s}' is not NAME=VALUE"))
+}
+
+#[derive(Subcommand)]
+enum PipelineCmd {
+    /// Validate a pipeline (agents, dependencies, cycles, templates).
+    Check {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Draw the DAG as Mermaid or Graphviz DOT.
+    Graph {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// mermaid or dot.
+        #[arg(long, default_value = "mermaid")]
+        format: troupe::workflow::GraphFormat,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsCmd {
+    /// List runs, newest first.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one run and its tasks.
+    Show {
+        /// Run id.
+        run_id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Subcommand)]
 enum AgentsCmd {
     /// List the agents.
@@ -315,7 +395,10 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(match &e {
                 e if e.is_not_found() => 3,
-                Error::Config(_) | Error::Agent(_) | Error::InvalidSessionId { .. } => 2,
+                Error::Config(_)
+                | Error::Agent(_)
+                | Error::Workflow(_)
+                | Error::InvalidSessionId { .. } => 2,
                 _ => 1,
             })
         }
@@ -342,6 +425,9 @@ async fn dispatch(rt: &Runtime, command: Command) -> troupe::Result<()> {
         Command::Chat(args) => chat(rt, args).await,
         Command::Sessions(cmd) => sessions(rt, cmd).await,
         Command::Checkpoint(cmd) => checkpoints(rt, cmd).await,
+        Command::Run(args) => run_pipeline(rt, args).await,
+        Command::Pipeline(cmd) => pipeline_cmd(rt, cmd),
+        Command::Runs(cmd) => runs(rt, cmd).await,
         Command::Versions(cmd) => versions(rt, cmd).await,
         Command::Agents(AgentsCmd::List { json }) => {
             let agents = rt.agents();
@@ -811,6 +897,178 @@ async fn versions(rt: &Runtime, cmd: VersionsCmd) -> troupe::Result<()> {
                 print_json(&json!({"session": meta, "version": version}));
             } else {
                 println!("session {session} restored to version {version}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn load_pipeline(
+    rt: &Runtime,
+    path: &std::path::Path,
+) -> troupe::Result<troupe::workflow::Pipeline> {
+    let agents: Vec<String> = rt.agents().into_iter().map(|a| a.name).collect();
+    Ok(troupe::workflow::Pipeline::load_checked(path, &agents)?)
+}
+
+fn pipeline_cmd(rt: &Runtime, cmd: PipelineCmd) -> troupe::Result<()> {
+    match cmd {
+        PipelineCmd::Check { pipeline, json } => {
+            let p = load_pipeline(rt, &pipeline)?;
+            let order: Vec<String> = p.order()?.into_iter().map(str::to_string).collect();
+            if json {
+                print_json(
+                    &json!({"pipeline": p.name, "valid": true, "tasks": p.tasks.len(), "order": order}),
+                );
+            } else {
+                println!(
+                    "pipeline '{}' ({}) is valid: {} tasks, order {}",
+                    p.name,
+                    pipeline.display(),
+                    p.tasks.len(),
+                    order.join(" -> ")
+                );
+            }
+        }
+        PipelineCmd::Graph { pipeline, format } => {
+            let p = load_pipeline(rt, &pipeline)?;
+            print!("{}", troupe::workflow::graph::render(&p, format));
+        }
+    }
+    Ok(())
+}
+
+async fn run_pipeline(rt: &Runtime, args: RunArgs) -> troupe::Result<()> {
+    use troupe::workflow::{RunEvent, RunOptions};
+    let pipeline = load_pipeline(rt, &args.pipeline)?;
+    let wf = &rt.config().workflow;
+    let opts = RunOptions {
+        inputs: args.inputs.into_iter().collect(),
+        session: args.session,
+        max_parallel: args.max_parallel.unwrap_or(wf.max_parallel),
+        fail_fast: args.fail_fast,
+        retry_backoff: Duration::from_millis(wf.retry_backoff_ms),
+        resume: args.resume,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let started = std::time::Instant::now();
+    // Progress on stderr (stdout stays clean for --json).
+    let progress = tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            let t = started.elapsed().as_secs_f64();
+            match ev {
+                RunEvent::Started {
+                    run_id,
+                    already_done,
+                } => {
+                    eprintln!("[{t:6.1}s] run {run_id} started");
+                    if !already_done.is_empty() {
+                        eprintln!(
+                            "[{t:6.1}s] resuming: already done {}",
+                            already_done.join(", ")
+                        );
+                    }
+                }
+                RunEvent::TaskStarted { task, attempt } if attempt > 1 => {
+                    eprintln!("[{t:6.1}s] {task}: attempt {attempt}")
+                }
+                RunEvent::TaskStarted { task, .. } => eprintln!("[{t:6.1}s] {task}: started"),
+                RunEvent::TaskRetrying {
+                    task,
+                    attempt,
+                    error,
+                } => {
+                    eprintln!("[{t:6.1}s] {task}: attempt {attempt} failed ({error}); retrying")
+                }
+                RunEvent::TaskEnded { task, status, secs } => {
+                    eprintln!("[{t:6.1}s] {task}: {} in {secs:.1}s", status.as_str())
+                }
+                RunEvent::Ended { status } => eprintln!("[{t:6.1}s] run {}", status.as_str()),
+            }
+        }
+    });
+    let path = args.pipeline.display().to_string();
+    let report = troupe::workflow::run_pipeline(rt, &pipeline, &path, opts, Some(tx)).await;
+    let _ = progress.await;
+    let report = report?;
+    if args.json {
+        print_json(
+            &json!({"id": report.run.id, "pipeline": report.run.pipeline, "status": report.run.status, "tasks": report.tasks}),
+        );
+    } else {
+        for t in &report.tasks {
+            println!("== {} ({})", t.task_id, t.status.as_str());
+            if let Some(out) = &t.output {
+                println!("{out}");
+            }
+            if let Some(err) = &t.error {
+                println!("error: {err}");
+            }
+        }
+        println!("run {} {}", report.run.id, report.run.status.as_str());
+    }
+    if report.run.status != troupe::store::RunStatus::Succeeded {
+        return Err(Error::Runtime(format!(
+            "run {} {} (resume with: troupe run {} --resume {})",
+            report.run.id,
+            report.run.status.as_str(),
+            args.pipeline.display(),
+            report.run.id
+        )));
+    }
+    Ok(())
+}
+
+async fn runs(rt: &Runtime, cmd: RunsCmd) -> troupe::Result<()> {
+    let store = rt.store();
+    match cmd {
+        RunsCmd::List { limit, json } => {
+            let list = store.list_runs(limit).await?;
+            if json {
+                print_json(&json!({"runs": list}));
+            } else if list.is_empty() {
+                println!("no runs");
+            } else {
+                for r in list {
+                    println!(
+                        "{}  {:<12} {:<11} {}",
+                        r.id,
+                        r.pipeline,
+                        r.status.as_str(),
+                        r.created_at.format("%Y-%m-%d %H:%M:%S")
+                    );
+                }
+            }
+        }
+        RunsCmd::Show { run_id, json } => {
+            let run = store.get_run(&run_id).await?.ok_or_else(|| {
+                troupe::store::StoreError::NotFound {
+                    what: "run",
+                    id: run_id.clone(),
+                }
+            })?;
+            let tasks = store.task_results(&run_id).await?;
+            if json {
+                print_json(
+                    &json!({"id": run.id, "pipeline": run.pipeline, "status": run.status, "inputs": run.inputs, "session_id": run.session_id, "created_at": run.created_at, "tasks": tasks}),
+                );
+            } else {
+                println!(
+                    "run {} of {} ({}): {}",
+                    run.id,
+                    run.pipeline,
+                    run.path,
+                    run.status.as_str()
+                );
+                for t in tasks {
+                    println!(
+                        "  {:<16} {:<10} attempts {}{}",
+                        t.task_id,
+                        t.status.as_str(),
+                        t.attempts,
+                        t.error.map(|e| format!("  error: {e}")).unwrap_or_default()
+                    );
+                }
             }
         }
     }

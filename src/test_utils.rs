@@ -22,6 +22,8 @@ pub struct ScriptedModel {
     pub requests: Mutex<Vec<ChatRequest>>,
     script: Mutex<std::collections::VecDeque<String>>,
     delay: Option<Duration>,
+    /// Fail this many calls from now (then answer normally).
+    pub fail_next: AtomicUsize,
     /// While set, `reply_meta` panics: a panic inside the session actor's
     /// own turn handling (not in the model call), to test supervision.
     pub panic_in_session: std::sync::atomic::AtomicBool,
@@ -80,6 +82,13 @@ impl ChatModel for ScriptedModel {
         }
         if last.contains("FAIL") {
             return Err(ModelError::Failed("scripted failure".into()));
+        }
+        if self
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(ModelError::Failed("scripted transient failure".into()));
         }
         let content = self
             .script

@@ -1334,3 +1334,71 @@ impl Handler<CollectGarbage> for SessionActor {
         ))
     }
 }
+
+/// Append messages at the head without a model call (workflow results).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<MessageId>>")]
+pub(crate) struct Append {
+    pub messages: Vec<super::NewMessage>,
+}
+
+impl Handler<Append> for SessionActor {
+    type Result = Reply<Vec<MessageId>>;
+
+    fn handle(&mut self, msg: Append, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let state = match self.live() {
+            Ok(s) => s,
+            Err(e) => return done(Err(e)),
+        };
+        if msg.messages.is_empty() {
+            return done(Ok(Vec::new()));
+        }
+        let (new_segment, ids) = self.plan(state, msg.messages.len() as u32);
+        let mut parent = state.record.head;
+        let at = now();
+        let messages: Vec<Message> = msg
+            .messages
+            .into_iter()
+            .zip(&ids)
+            .map(|(m, id)| {
+                let out = Message {
+                    id: *id,
+                    parent,
+                    role: m.role,
+                    agent: m.agent,
+                    content: m.content,
+                    created_at: m.created_at.unwrap_or(at),
+                    meta: m.meta,
+                };
+                parent = Some(*id);
+                out
+            })
+            .collect();
+        let mut next = state.record.clone();
+        next.head = parent;
+        next.updated_at = at;
+        next.state_version += 1;
+        let commit = Commit {
+            record: next.clone(),
+            expected_version: Some(state.record.state_version),
+            small_state_changed: false,
+            new_segment,
+            messages: messages.clone(),
+            checkpoints: Vec::new(),
+            drop_checkpoints: Vec::new(),
+        };
+        let cap = self.recent_cap();
+        commit_then(self, commit, move |act| {
+            if let Some(s) = act.live_mut() {
+                s.recent.extend(messages);
+                while s.recent.len() > cap {
+                    s.recent.pop_front();
+                }
+                s.record = next;
+                s.can_append = true;
+            }
+            ids
+        })
+    }
+}

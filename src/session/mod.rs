@@ -401,6 +401,27 @@ impl Session {
         self.chat_with(agent, prompt).await
     }
 
+    /// Appends a result (a workflow task's output, a tool's answer) to the
+    /// history without calling a model; it is durable when this returns.
+    pub async fn add_result(
+        &self,
+        agent: &str,
+        content: impl Into<String>,
+        meta: Option<serde_json::Value>,
+    ) -> Result<MessageId> {
+        let mut m = NewMessage::new(Role::Assistant, content);
+        m.agent = Some(agent.to_string());
+        m.meta = meta;
+        let ids = self
+            .call(|| actor::Append {
+                messages: vec![m.clone()],
+            })
+            .await??;
+        ids.into_iter()
+            .next()
+            .ok_or_else(|| Error::Runtime("append returned no id".into()))
+    }
+
     /// One turn whose reply arrives piece by piece. The last event is
     /// [`StreamEvent::Done`], sent once the turn is durable.
     pub async fn chat_stream(

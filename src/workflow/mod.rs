@@ -41,10 +41,12 @@
 
 pub mod graph;
 pub mod pipeline;
+pub mod runner;
 pub mod template;
 
 pub use graph::{dot, mermaid, GraphFormat};
 pub use pipeline::{InputSpec, Pipeline, Prepared, Schedule, Task, TaskState};
+pub use runner::{run_pipeline, RunEvent, RunOptions, RunReport};
 pub use template::{Condition, Context, Template, TemplateError};
 
 use std::fmt;
