@@ -522,3 +522,30 @@ async fn garbage_collection_on_a_stale_actor_is_refused() {
     // b reloads and collects nothing (everything is on the head's path).
     assert_eq!(sb.collect_garbage().await.unwrap().messages_deleted, 0);
 }
+
+#[tokio::test]
+async fn a_tip_covered_only_by_an_automatic_checkpoint_survives_restore_and_gc() {
+    let mut c = Config::default();
+    c.checkpoint.every = 1;
+    c.checkpoint.keep = 1;
+    let rt = Runtime::builder()
+        .config(c)
+        .memory_store()
+        .model(ScriptedModel::new())
+        .build()
+        .await
+        .unwrap();
+    let s = rt.session("auto-tip").open().await.unwrap();
+    s.chat("one").await.unwrap();
+    let cp = s.checkpoint("one").await.unwrap();
+    s.chat("tip").await.unwrap(); // an automatic checkpoint now points at the tip
+    s.restore(&cp).await.unwrap();
+    s.chat("other").await.unwrap(); // prunes that automatic checkpoint (keep = 1)
+    assert_eq!(s.collect_garbage().await.unwrap().messages_deleted, 0);
+    assert!(s
+        .branches()
+        .await
+        .unwrap()
+        .iter()
+        .any(|b| { !b.current && b.last_message_at.is_some() }));
+}

@@ -344,6 +344,19 @@ async fn contract(store: Arc<dyn Store>) {
     assert_eq!(keys, ["k", "k2"]);
     s.shared_put("ns", "k", None, Some(2)).await.unwrap();
     assert!(s.shared_get("ns", "k").await.unwrap().is_none());
+    // Versions never go back: a compare-and-set from before the delete fails,
+    // and re-creating continues after the deleted version.
+    assert!(matches!(
+        s.shared_put("ns", "k", Some(serde_json::json!("stale")), Some(2))
+            .await,
+        Err(StoreError::VersionMismatch { found: 0, .. })
+    ));
+    let again = s
+        .shared_put("ns", "k", Some(serde_json::json!("new")), Some(0))
+        .await
+        .unwrap();
+    assert_eq!(again.version, 4);
+    s.shared_put("ns", "k", None, None).await.unwrap();
     assert_eq!(s.shared_list("ns", "").await.unwrap().len(), 2);
 
     // Workflow runs and task results: upserts, newest first.

@@ -1056,6 +1056,16 @@ impl Handler<Restore> for SessionActor {
                 next.preferences = cp.state.preferences;
                 next.user_data = cp.state.user_data;
                 next.metadata = cp.state.metadata;
+                // The shared-state namespace is how the session is wired,
+                // not part of its past: it stays as it is now.
+                match record.metadata.get(SHARED_STATE_KEY) {
+                    Some(ns) => {
+                        next.metadata.insert(SHARED_STATE_KEY.into(), ns.clone());
+                    }
+                    None => {
+                        next.metadata.remove(SHARED_STATE_KEY);
+                    }
+                }
                 next.interactions = cp.state.interactions;
                 next.updated_at = now();
                 next.state_version = record.state_version + 1;
@@ -1202,12 +1212,13 @@ async fn branch_guard(
     if record.head.is_none() || record.head == new_head {
         return Ok(None);
     }
-    // Already reachable through a checkpoint of its own: nothing to add.
+    // Already reachable through a checkpoint that is kept until deleted:
+    // nothing to add. (Automatic checkpoints do not count: they are pruned.)
     let covered = store
         .list_checkpoints(&record.id)
         .await?
         .iter()
-        .any(|c| c.head == record.head);
+        .any(|c| c.head == record.head && c.kind != CheckpointKind::Auto);
     Ok((!covered).then(|| CheckpointRecord {
         id: uuid::Uuid::new_v4().to_string(),
         session_id: record.id.clone(),

@@ -23,6 +23,8 @@ struct Inner {
     messages: HashMap<SegmentId, Vec<Message>>,
     checkpoints: Vec<CheckpointRecord>,
     shared: std::collections::BTreeMap<(String, String), SharedEntry>,
+    /// Last versions of deleted shared keys (tombstones: versions never go back).
+    shared_deleted: HashMap<(String, String), u64>,
     runs: HashMap<String, RunRecord>,
     task_results: std::collections::BTreeMap<(String, String), TaskResult>,
 }
@@ -389,17 +391,25 @@ impl Store for MemoryStore {
     ) -> Result<SharedEntry, StoreError> {
         let mut inner = self.lock();
         let k = (namespace.to_string(), key.to_string());
-        let found = inner.shared.get(&k).map_or(0, |e| e.version);
+        let live = inner.shared.get(&k).map(|e| e.version);
+        let last = live
+            .or_else(|| inner.shared_deleted.get(&k).copied())
+            .unwrap_or(0);
         if let Some(expected) = expected_version {
-            if expected != found {
+            let ok = match live {
+                Some(v) => expected == v,
+                None => expected == 0,
+            };
+            if !ok {
                 return Err(StoreError::VersionMismatch {
                     namespace: namespace.into(),
                     key: key.into(),
                     expected,
-                    found,
+                    found: live.unwrap_or(0),
                 });
             }
         }
+        let found = last;
         let entry = SharedEntry {
             namespace: namespace.into(),
             key: key.into(),
@@ -409,10 +419,13 @@ impl Store for MemoryStore {
         };
         match value {
             Some(_) => {
+                inner.shared_deleted.remove(&k);
                 inner.shared.insert(k, entry.clone());
             }
             None => {
-                inner.shared.remove(&k);
+                if inner.shared.remove(&k).is_some() {
+                    inner.shared_deleted.insert(k, entry.version);
+                }
             }
         }
         Ok(entry)

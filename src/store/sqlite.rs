@@ -113,6 +113,7 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL,
         version INTEGER NOT NULL,
         updated_at INTEGER NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (namespace, key)
     ) WITHOUT ROWID;
     "#,
@@ -811,36 +812,52 @@ fn apply_delete(
 }
 
 fn apply_shared(tx: &Transaction<'_>, w: &SharedWrite) -> Result<bool, StoreError> {
-    let found: i64 = tx
-        .prepare_cached("SELECT version FROM shared WHERE namespace=?1 AND key=?2")?
-        .query_row(params![w.namespace, w.key], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0);
+    // A deleted key keeps its row as a tombstone, so versions never go back
+    // and a compare-and-set made before a delete can never succeed after it.
+    let row: Option<(i64, bool)> = tx
+        .prepare_cached("SELECT version, deleted FROM shared WHERE namespace=?1 AND key=?2")?
+        .query_row(params![w.namespace, w.key], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? != 0))
+        })
+        .optional()?;
+    let last = row.map_or(0, |r| r.0);
+    let exists = row.is_some_and(|r| !r.1);
     if let Some(expected) = w.expected {
-        if expected as i64 != found {
+        let ok = if exists {
+            expected as i64 == last
+        } else {
+            expected == 0
+        };
+        if !ok {
             return Err(StoreError::VersionMismatch {
                 namespace: w.namespace.clone(),
                 key: w.key.clone(),
                 expected,
-                found: found as u64,
+                found: if exists { last as u64 } else { 0 },
             });
         }
     }
     let at = super::now();
-    let version = found + 1;
+    let version = last + 1;
     let value = match &w.value {
         Some(text) => {
             tx.prepare_cached(
-                "INSERT INTO shared (namespace, key, value, version, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (namespace, key) DO UPDATE SET \
-                 value = excluded.value, version = excluded.version, updated_at = excluded.updated_at",
+                "INSERT INTO shared (namespace, key, value, version, updated_at, deleted) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0) ON CONFLICT (namespace, key) DO UPDATE SET \
+                 value = excluded.value, version = excluded.version, \
+                 updated_at = excluded.updated_at, deleted = 0",
             )?
             .execute(params![w.namespace, w.key, text, version, to_micros(at)])?;
             serde_json::from_str(text).unwrap_or(serde_json::Value::Null)
         }
         None => {
-            tx.prepare_cached("DELETE FROM shared WHERE namespace=?1 AND key=?2")?
-                .execute(params![w.namespace, w.key])?;
+            if exists {
+                tx.prepare_cached(
+                    "UPDATE shared SET value = 'null', version = ?3, updated_at = ?4, deleted = 1 \
+                     WHERE namespace = ?1 AND key = ?2",
+                )?
+                .execute(params![w.namespace, w.key, version, to_micros(at)])?;
+            }
             serde_json::Value::Null
         }
     };
@@ -1282,7 +1299,7 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT namespace, key, value, version, updated_at FROM shared \
-                 WHERE namespace=?1 AND key=?2",
+                 WHERE namespace=?1 AND key=?2 AND deleted = 0",
             )?;
             let mut rows = stmt.query(params![ns, key])?;
             match rows.next()? {
@@ -1323,7 +1340,7 @@ impl Store for SqliteStore {
             // Range scan on the primary key: keys >= prefix, stopping at the first that does not match.
             let mut stmt = conn.prepare_cached(
                 "SELECT namespace, key, value, version, updated_at FROM shared \
-                 WHERE namespace=?1 AND key>=?2 ORDER BY key",
+                 WHERE namespace=?1 AND key>=?2 AND deleted = 0 ORDER BY key",
             )?;
             let mut rows = stmt.query(params![ns, prefix])?;
             let mut out = Vec::new();
@@ -1346,7 +1363,9 @@ impl Store for SqliteStore {
             tx.prepare_cached(
                 "INSERT INTO runs (id, pipeline, path, inputs, session_id, status, created_at, updated_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO UPDATE SET \
-                 status = excluded.status, updated_at = excluded.updated_at, session_id = excluded.session_id",
+                 pipeline = excluded.pipeline, path = excluded.path, inputs = excluded.inputs, \
+                 session_id = excluded.session_id, status = excluded.status, \
+                 created_at = excluded.created_at, updated_at = excluded.updated_at",
             )?
             .execute(params![
                 r.id,
