@@ -48,6 +48,8 @@ pub enum Scenario {
     /// Checkpoint create / restore / fork at 10, 10,000 and 100,000 messages
     /// (W3), and store size with a checkpoint after every turn (W4).
     Checkpoints,
+    /// A 10,000-task DAG pipeline on the echo model (W6).
+    Workflow,
 }
 
 /// Options of `troupe bench`.
@@ -208,6 +210,18 @@ pub struct Checkpoints {
     pub store_bytes_without: u64,
 }
 
+/// W6.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WorkflowBench {
+    /// Tasks in the DAG.
+    pub tasks: usize,
+    /// Wall time of the whole run, seconds (the echo model answers at once,
+    /// so this is the runner's own cost: scheduling, prompts, durable results).
+    pub wall_secs: f64,
+    /// Per task, microseconds.
+    pub per_task_us: f64,
+}
+
 /// Everything measured.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct BenchReport {
@@ -223,6 +237,8 @@ pub struct BenchReport {
     pub idle_memory: Option<IdleMemory>,
     /// W3, W4.
     pub checkpoints: Option<Checkpoints>,
+    /// W6.
+    pub workflow: Option<WorkflowBench>,
 }
 
 struct Workdir {
@@ -294,6 +310,9 @@ pub async fn run(config: Config, opts: &BenchOptions) -> Result<BenchReport> {
     }
     if wants(Scenario::Checkpoints) {
         report.checkpoints = Some(checkpoints(&config, &work.path).await?);
+    }
+    if wants(Scenario::Workflow) {
+        report.workflow = Some(workflow(&config, &work.path).await?);
     }
     if wants(Scenario::IdleMemory) {
         report.idle_memory = Some(idle_memory(&config, &work.path, opts.idle_sessions).await?);
@@ -561,6 +580,53 @@ async fn checkpoints(config: &Config, dir: &Path) -> Result<Checkpoints> {
     Ok(out)
 }
 
+async fn workflow(config: &Config, dir: &Path) -> Result<WorkflowBench> {
+    use std::fmt::Write as _;
+    let n: usize = 10_000;
+    // 100 layers of 100 tasks; each task depends on two tasks of the layer
+    // before, so there is wide parallelism and about 20,000 edges to track.
+    let mut text = String::from("name = \"w6\"\n");
+    for i in 0..n {
+        let _ = write!(
+            text,
+            "[[task]]\nid = \"t{i}\"\nagent = \"assistant\"\nprompt = \"step {i}\"\n"
+        );
+        let (layer, pos) = (i / 100, i % 100);
+        let mut deps: Vec<String> = Vec::new();
+        if layer > 0 {
+            let prev = (layer - 1) * 100;
+            deps.push(format!("\"t{}\"", prev + pos));
+            let other = prev + (pos * 37 + 11) % 100;
+            if other != prev + pos {
+                deps.push(format!("\"t{other}\""));
+            }
+        }
+        if !deps.is_empty() {
+            let _ = writeln!(text, "depends_on = [{}]", deps.join(", "));
+        }
+    }
+    let pipeline = crate::workflow::Pipeline::parse("w6.toml", &text)?;
+    let rt = runtime(config, &dir.join("w6.db"), SyncMode::Normal).await?;
+    let opts = crate::workflow::RunOptions {
+        max_parallel: 64,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let report = crate::workflow::run_pipeline(&rt, &pipeline, "w6.toml", opts, None).await?;
+    let wall = t.elapsed();
+    if report.run.status != crate::store::RunStatus::Succeeded {
+        return Err(Error::Runtime(format!(
+            "W6 run ended {:?}",
+            report.run.status
+        )));
+    }
+    Ok(WorkflowBench {
+        tasks: n,
+        wall_secs: wall.as_secs_f64(),
+        per_task_us: wall.as_secs_f64() * 1e6 / n as f64,
+    })
+}
+
 fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
@@ -642,6 +708,12 @@ pub fn print(report: &BenchReport) {
             "  store after 1,000 turns (W4): {:.2} MB with a checkpoint after every turn, {:.2} MB without",
             c.store_bytes_with_checkpoints as f64 / 1e6,
             c.store_bytes_without as f64 / 1e6
+        );
+    }
+    if let Some(w) = &report.workflow {
+        println!(
+            "workflow (W6): {} tasks in {:.2} s on the echo model ({:.0} µs per task: scheduling, prompts, durable results)",
+            w.tasks, w.wall_secs, w.per_task_us
         );
     }
     if let Some(m) = &report.idle_memory {

@@ -226,6 +226,8 @@ pub async fn run_pipeline(
             let run_id = run.id.clone();
             let events = events.clone();
             let backoff = opts.retry_backoff;
+            let session = session.clone();
+            let shared = shared.clone();
             running.push(async move {
                 let started = Instant::now();
                 let at = now();
@@ -239,49 +241,64 @@ pub async fn run_pipeline(
                         .await
                     }
                 };
-                (task, outcome, attempts, at, started.elapsed())
+                let mut result = TaskResult {
+                    run_id: run_id.clone(),
+                    task_id: task.id.clone(),
+                    status: RunStatus::Succeeded,
+                    output: None,
+                    attempts,
+                    error: None,
+                    started_at: Some(at),
+                    finished_at: Some(now()),
+                };
+                match &outcome {
+                    Outcome::Done(text) => {
+                        // Delivered before the result is recorded: a crash in
+                        // between re-runs the task on resume (a duplicate
+                        // append), never loses its delivery.
+                        if let Some(key) = &task.output_to_state {
+                            shared.set(key, text.clone()).await?;
+                        }
+                        if let Some(s) = &session {
+                            s.add_result(
+                                &task.agent,
+                                text.clone(),
+                                Some(serde_json::json!({"run": run_id, "task": task.id})),
+                            )
+                            .await?;
+                        }
+                        result.output = Some(text.clone());
+                    }
+                    Outcome::Skipped => {
+                        result.status = RunStatus::Skipped;
+                        result.output = Some(String::new());
+                    }
+                    Outcome::Failed(error) => {
+                        result.status = RunStatus::Failed;
+                        result.error = Some(error.clone());
+                    }
+                }
+                // Durable before anything that depends on it starts (the
+                // scheduler learns of the end only when this future ends).
+                store.put_task_result(&result).await?;
+                Ok::<_, Error>((task, outcome, result, started.elapsed()))
             });
         }
-        let Some((task, outcome, attempts, started_at, took)) = running.next().await else {
+        let Some(ended) = running.next().await else {
             break;
         };
-        let mut result = TaskResult {
-            run_id: run.id.clone(),
-            task_id: task.id.clone(),
-            status: RunStatus::Succeeded,
-            output: None,
-            attempts,
-            error: None,
-            started_at: Some(started_at),
-            finished_at: Some(now()),
-        };
+        let (task, outcome, result, took) = ended?;
         match outcome {
             Outcome::Done(text) => {
-                if let Some(key) = &task.output_to_state {
-                    shared.set(key, text.clone()).await?;
-                }
-                if let Some(s) = &session {
-                    s.add_result(
-                        &task.agent,
-                        text.clone(),
-                        Some(serde_json::json!({"run": run.id, "task": task.id})),
-                    )
-                    .await?;
-                }
-                result.output = Some(text.clone());
                 outputs.insert(task.id.clone(), text);
                 schedule.finish(&task.id)?;
             }
             Outcome::Skipped => {
-                result.status = RunStatus::Skipped;
-                result.output = Some(String::new());
                 outputs.insert(task.id.clone(), String::new());
                 schedule.finish(&task.id)?;
             }
-            Outcome::Failed(error) => {
+            Outcome::Failed(_) => {
                 failed_any = true;
-                result.status = RunStatus::Failed;
-                result.error = Some(error);
                 let blocked: Vec<String> = schedule
                     .fail(&task.id)?
                     .into_iter()
@@ -306,8 +323,6 @@ pub async fn run_pipeline(
                 }
             }
         }
-        // Durable before anything that depends on it starts.
-        store.put_task_result(&result).await?;
         emit(
             &events,
             RunEvent::TaskEnded {
@@ -336,7 +351,7 @@ pub async fn run_pipeline(
     Ok(RunReport { run, tasks })
 }
 
-/// One task: the agent's model call with timeout and retries; every attempt
+/// One task: the agent's model call with timeout and retries; every retry
 /// is recorded (status running, attempt count) before it is made.
 #[allow(clippy::too_many_arguments)]
 async fn run_task(
@@ -388,11 +403,16 @@ async fn run_task(
             started_at: Some(now()),
             finished_at: None,
         };
-        if let Err(e) = store.put_task_result(&record).await {
-            return (
-                Outcome::Failed(format!("cannot record the attempt: {e}")),
-                attempt,
-            );
+        // Retries are recorded as they start (a first attempt is implied by
+        // the task having no final result yet), so `runs show` tells a
+        // struggling task from a waiting one.
+        if attempt > 1 {
+            if let Err(e) = store.put_task_result(&record).await {
+                return (
+                    Outcome::Failed(format!("cannot record the attempt: {e}")),
+                    attempt,
+                );
+            }
         }
         emit(
             events,
