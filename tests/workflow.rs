@@ -361,3 +361,28 @@ async fn a_bad_pipeline_or_missing_input_changes_nothing() {
     assert!(model.requests().is_empty());
     assert!(rt.store().list_runs(10).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_bad_session_id_leaves_no_run_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt_with(dir.path(), ScriptedModel::new()).await;
+    let p = Pipeline::parse(
+        "one.toml",
+        "name = \"one\"\n[[task]]\nid = \"a\"\nagent = \"assistant\"\nprompt = \"hi\"\n",
+    )
+    .unwrap();
+    let err = run_pipeline(
+        &rt,
+        &p,
+        "one.toml",
+        RunOptions {
+            session: Some("bad id!".into()),
+            ..opts()
+        },
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("bad id!"), "{err}");
+    assert!(rt.store().list_runs(10).await.unwrap().is_empty());
+}

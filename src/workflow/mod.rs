@@ -6,7 +6,7 @@
 //! completely *before* anything runs (so a typo costs an error message, not a
 //! half-finished run and a model bill), orders the tasks, tells a scheduler
 //! which tasks are ready, renders prompts and `when` conditions, and draws
-//! the DAG. The actor that executes a run builds on these pieces.
+//! the DAG. The runner ([`runner::run_pipeline`], `troupe run`) builds on these pieces.
 //!
 //! - [`pipeline`]: [`Pipeline`], [`Task`], [`InputSpec`]; parsing, validation,
 //!   ordering, [`Schedule`] and [`Pipeline::prepare`].

@@ -192,6 +192,11 @@ pub async fn run_pipeline(
     if opts.session.is_some() {
         run.session_id = opts.session.clone();
     }
+    // Opened before the run is recorded: a bad session id leaves no run behind.
+    let session = match &run.session_id {
+        Some(id) => Some(rt.session(id.clone()).open().await?),
+        None => None,
+    };
     store.put_run(&run).await?;
     let mut already: Vec<String> = results.keys().cloned().collect();
     already.sort();
@@ -202,10 +207,6 @@ pub async fn run_pipeline(
             already_done: already,
         },
     );
-    let session = match &run.session_id {
-        Some(id) => Some(rt.session(id.clone()).open().await?),
-        None => None,
-    };
     let shared = rt.shared_state(
         run.session_id
             .clone()
