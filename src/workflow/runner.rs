@@ -207,11 +207,20 @@ pub async fn run_pipeline(
             already_done: already,
         },
     );
-    let shared = rt.shared_state(
-        run.session_id
-            .clone()
-            .unwrap_or_else(|| pipeline.name.clone()),
-    );
+    // `output_to_state` goes to the namespace the session shares with its
+    // agents, else one named after the session, else after the pipeline.
+    let namespace = match &session {
+        Some(s) => s
+            .record()
+            .await?
+            .metadata
+            .get("shared_state")
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| s.id().to_string()),
+        None => pipeline.name.clone(),
+    };
+    let shared = rt.shared_state(namespace);
 
     let mut running = FuturesUnordered::new();
     let mut stop_starting = false;
