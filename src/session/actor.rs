@@ -1012,11 +1012,20 @@ impl Handler<TakeCheckpoint> for SessionActor {
     }
 }
 
-/// Move the head and the small state back to a checkpoint of this session.
+/// Where a restore moves the head.
+pub(crate) enum RestoreTarget {
+    /// A checkpoint of this session: head and small state go back.
+    Checkpoint(String),
+    /// A message (a branch's leaf): only the head moves.
+    Head(Option<MessageId>),
+}
+
+/// Move the head (and, to a checkpoint, the small state) somewhere else.
+/// Nothing is deleted; the head being left is guarded (see [`branch_guard`]).
 #[derive(Message)]
 #[rtype(result = "Result<SessionMetadata>")]
 pub(crate) struct Restore {
-    pub checkpoint_id: String,
+    pub to: RestoreTarget,
 }
 
 impl Handler<Restore> for SessionActor {
@@ -1032,45 +1041,52 @@ impl Handler<Restore> for SessionActor {
         let cap = self.recent_cap();
         AtomicResponse::new(Box::pin(
             async move {
-                let cp = store
-                    .get_checkpoint(&msg.checkpoint_id)
-                    .await?
-                    .ok_or_else(|| StoreError::NotFound {
-                        what: "checkpoint",
-                        id: msg.checkpoint_id.clone(),
-                    })?;
-                if cp.session_id != record.id {
-                    return Err(Error::InvalidRequest(format!(
-                        "checkpoint '{}' belongs to session '{}', not '{}' (fork it instead)",
-                        cp.id, cp.session_id, record.id
-                    )));
-                }
+                let mut next = record.clone();
+                let target = match msg.to {
+                    RestoreTarget::Head(head) => {
+                        next.head = head;
+                        head.map_or_else(|| "the root".to_string(), |h| h.to_string())
+                    }
+                    RestoreTarget::Checkpoint(id) => {
+                        let cp = store.get_checkpoint(&id).await?.ok_or_else(|| {
+                            StoreError::NotFound {
+                                what: "checkpoint",
+                                id: id.clone(),
+                            }
+                        })?;
+                        if cp.session_id != record.id {
+                            return Err(Error::InvalidRequest(format!(
+                                "checkpoint '{}' belongs to session '{}', not '{}' (fork it instead)",
+                                cp.id, cp.session_id, record.id
+                            )));
+                        }
+                        next.head = cp.head;
+                        next.profile = cp.state.profile;
+                        next.preferences = cp.state.preferences;
+                        next.user_data = cp.state.user_data;
+                        next.metadata = cp.state.metadata;
+                        next.interactions = cp.state.interactions;
+                        // The shared-state namespace is how the session is
+                        // wired, not part of its past: it stays as it is now.
+                        match record.metadata.get(SHARED_STATE_KEY) {
+                            Some(ns) => {
+                                next.metadata.insert(SHARED_STATE_KEY.into(), ns.clone());
+                            }
+                            None => {
+                                next.metadata.remove(SHARED_STATE_KEY);
+                            }
+                        }
+                        cp.label.unwrap_or(cp.id)
+                    }
+                };
                 // Read first: if this fails nothing has changed.
-                let recent = match cp.head {
+                let recent = match next.head {
                     Some(h) => store.history(h, Some(cap)).await?,
                     None => Vec::new(),
                 };
-                let mut next = record.clone();
-                next.head = cp.head;
-                next.profile = cp.state.profile;
-                next.preferences = cp.state.preferences;
-                next.user_data = cp.state.user_data;
-                next.metadata = cp.state.metadata;
-                // The shared-state namespace is how the session is wired,
-                // not part of its past: it stays as it is now.
-                match record.metadata.get(SHARED_STATE_KEY) {
-                    Some(ns) => {
-                        next.metadata.insert(SHARED_STATE_KEY.into(), ns.clone());
-                    }
-                    None => {
-                        next.metadata.remove(SHARED_STATE_KEY);
-                    }
-                }
-                next.interactions = cp.state.interactions;
                 next.updated_at = now();
                 next.state_version = record.state_version + 1;
-                let target = cp.label.clone().unwrap_or_else(|| cp.id.clone());
-                let protect = branch_guard(&store, &record, cp.head, &target).await?;
+                let protect = branch_guard(&store, &record, next.head, &target).await?;
                 store
                     .commit(Commit {
                         record: next.clone(),
@@ -1129,73 +1145,6 @@ impl Handler<Branches> for SessionActor {
                 Ok(crate::checkpoint::branches(&segments, &checkpoints, head))
             }
             .into_actor(self),
-        ))
-    }
-}
-
-/// Move the head, keeping the current small state (switching branches).
-#[derive(Message)]
-#[rtype(result = "Result<SessionMetadata>")]
-pub(crate) struct RestoreTo {
-    pub head: Option<MessageId>,
-}
-
-impl Handler<RestoreTo> for SessionActor {
-    type Result = Reply<SessionMetadata>;
-
-    fn handle(&mut self, msg: RestoreTo, _: &mut Context<Self>) -> Self::Result {
-        self.last_active = Instant::now();
-        let record = match self.live() {
-            Ok(s) => s.record.clone(),
-            Err(e) => return done(Err(e)),
-        };
-        let store = self.core.store.clone();
-        let cap = self.recent_cap();
-        AtomicResponse::new(Box::pin(
-            async move {
-                let recent = match msg.head {
-                    Some(h) => store.history(h, Some(cap)).await?,
-                    None => Vec::new(),
-                };
-                let mut next = record.clone();
-                next.head = msg.head;
-                next.updated_at = now();
-                next.state_version = record.state_version + 1;
-                let target = msg
-                    .head
-                    .map_or_else(|| "the root".to_string(), |h| h.to_string());
-                let protect = branch_guard(&store, &record, msg.head, &target).await?;
-                store
-                    .commit(Commit {
-                        record: next.clone(),
-                        expected_version: Some(record.state_version),
-                        small_state_changed: false,
-                        new_segment: None,
-                        messages: Vec::new(),
-                        checkpoints: protect.into_iter().collect(),
-                        drop_checkpoints: Vec::new(),
-                    })
-                    .await?;
-                Ok::<_, Error>((next, recent))
-            }
-            .into_actor(self)
-            .map(|res, act, ctx| match res {
-                Ok((next, recent)) => {
-                    let meta = SessionMetadata::from(&next);
-                    if let Some(s) = act.live_mut() {
-                        s.record = next;
-                        s.recent = recent.into();
-                        s.can_append = false;
-                    }
-                    Ok(meta)
-                }
-                Err(e) => {
-                    if e.is_conflict() {
-                        act.invalidate(ctx);
-                    }
-                    Err(e)
-                }
-            }),
         ))
     }
 }

@@ -628,7 +628,7 @@ impl Session {
     /// [`restore`](Self::restore) by checkpoint id.
     pub async fn restore_id(&self, checkpoint_id: &str) -> Result<SessionMetadata> {
         self.call(|| actor::Restore {
-            checkpoint_id: checkpoint_id.to_string(),
+            to: actor::RestoreTarget::Checkpoint(checkpoint_id.to_string()),
         })
         .await?
     }
@@ -652,7 +652,10 @@ impl Session {
             )));
         }
         let head = branch.head;
-        self.call(|| actor::RestoreTo { head: Some(head) }).await?
+        self.call(|| actor::Restore {
+            to: actor::RestoreTarget::Head(Some(head)),
+        })
+        .await?
     }
 
     /// Deletes a checkpoint (or version) of this session. Returns whether it existed.
