@@ -952,8 +952,26 @@ async fn run_pipeline(rt: &Runtime, args: RunArgs) -> troupe::Result<()> {
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let started = std::time::Instant::now();
-    // Progress on stderr (stdout stays clean for --json).
+    let total = pipeline.tasks.len() as u64;
+    // Progress on stderr (stdout stays clean for --json): a bar with the
+    // running tasks on a terminal, plain timestamped lines otherwise.
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let pb = indicatif::ProgressBar::new(total);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tasks  {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.enable_steady_tick(Duration::from_millis(120));
+        pb
+    });
     let progress = tokio::spawn(async move {
+        let mut running: Vec<String> = Vec::new();
+        let say = |line: String| match &bar {
+            Some(pb) => pb.println(line),
+            None => eprintln!("{line}"),
+        };
         while let Some(ev) = rx.recv().await {
             let t = started.elapsed().as_secs_f64();
             match ev {
@@ -961,29 +979,53 @@ async fn run_pipeline(rt: &Runtime, args: RunArgs) -> troupe::Result<()> {
                     run_id,
                     already_done,
                 } => {
-                    eprintln!("[{t:6.1}s] run {run_id} started");
+                    say(format!("[{t:6.1}s] run {run_id} started"));
                     if !already_done.is_empty() {
-                        eprintln!(
+                        say(format!(
                             "[{t:6.1}s] resuming: already done {}",
                             already_done.join(", ")
-                        );
+                        ));
+                        if let Some(pb) = &bar {
+                            pb.inc(already_done.len() as u64);
+                        }
                     }
                 }
-                RunEvent::TaskStarted { task, attempt } if attempt > 1 => {
-                    eprintln!("[{t:6.1}s] {task}: attempt {attempt}")
+                RunEvent::TaskStarted { task, attempt } => {
+                    if attempt > 1 {
+                        say(format!("[{t:6.1}s] {task}: attempt {attempt}"));
+                    } else if bar.is_none() {
+                        say(format!("[{t:6.1}s] {task}: started"));
+                    }
+                    if !running.contains(&task) {
+                        running.push(task);
+                    }
                 }
-                RunEvent::TaskStarted { task, .. } => eprintln!("[{t:6.1}s] {task}: started"),
                 RunEvent::TaskRetrying {
                     task,
                     attempt,
                     error,
-                } => {
-                    eprintln!("[{t:6.1}s] {task}: attempt {attempt} failed ({error}); retrying")
-                }
+                } => say(format!(
+                    "[{t:6.1}s] {task}: attempt {attempt} failed ({error}); retrying"
+                )),
                 RunEvent::TaskEnded { task, status, secs } => {
-                    eprintln!("[{t:6.1}s] {task}: {} in {secs:.1}s", status.as_str())
+                    running.retain(|r| r != &task);
+                    say(format!(
+                        "[{t:6.1}s] {task}: {} in {secs:.1}s",
+                        status.as_str()
+                    ));
+                    if let Some(pb) = &bar {
+                        pb.inc(1);
+                    }
                 }
-                RunEvent::Ended { status } => eprintln!("[{t:6.1}s] run {}", status.as_str()),
+                RunEvent::Ended { status } => {
+                    if let Some(pb) = &bar {
+                        pb.finish_and_clear();
+                    }
+                    say(format!("[{t:6.1}s] run {}", status.as_str()));
+                }
+            }
+            if let Some(pb) = &bar {
+                pb.set_message(format!("running: {}", running.join(", ")));
             }
         }
     });
