@@ -909,6 +909,13 @@ impl Runtime {
     /// and its whole history (copied into a new segment). Refused with a
     /// conflict if the id exists — it never replaces anything.
     pub async fn create_from(&self, doc: SessionDocument) -> Result<Session> {
+        self.create_from_doc(doc, false).await
+    }
+
+    /// [`create_from`](Self::create_from); `keep_times` keeps the document's
+    /// `created_at`/`updated_at` (a session file is the same session, so its
+    /// age, and with it cleanup and TTL, carries over).
+    async fn create_from_doc(&self, doc: SessionDocument, keep_times: bool) -> Result<Session> {
         validate_session_id(&doc.record.id)?;
         let at = crate::store::now();
         let mut record = doc.record;
@@ -934,8 +941,10 @@ impl Runtime {
             })
             .collect();
         record.head = messages.last().map(|m| m.id);
-        record.created_at = at;
-        record.updated_at = at;
+        if !keep_times {
+            record.created_at = at;
+            record.updated_at = at;
+        }
         record.state_version = 1;
         let id = record.id.clone();
         self.store()
@@ -955,11 +964,15 @@ impl Runtime {
     /// Puts a session document into the store and opens the session.
     pub async fn import(&self, doc: SessionDocument) -> Result<Session> {
         validate_session_id(&doc.record.id)?;
-        let mut builder = self.session(doc.record.id.clone());
-        if let Some(u) = &doc.record.user_id {
-            builder = builder.user(u.clone());
-        }
-        let session = builder.open().await?;
+        // A new id: one atomic write creates the session with its history.
+        let doc = match self.create_from_doc(doc.clone(), true).await {
+            Ok(session) => return Ok(session),
+            Err(Error::Store(StoreError::Conflict { .. })) => doc,
+            Err(e) => return Err(e),
+        };
+        // An existing id: its history and state are replaced in one commit
+        // (the old messages stay reachable from its checkpoints).
+        let session = self.session(doc.record.id.clone()).existing().open().await?;
         let messages: Vec<NewMessage> = doc.history.into_iter().map(NewMessage::from).collect();
         let record = doc.record;
         session
