@@ -573,3 +573,32 @@ async fn a_panicking_session_actor_is_restarted_from_durable_state() {
         ["acknowledged one", "acknowledged two", "after the panic"]
     );
 }
+
+#[tokio::test]
+async fn sessions_past_their_ttl_are_deleted_by_the_sweeper() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = sqlite_config(dir.path());
+    c.sessions.ttl_secs = 1;
+    let rt = Runtime::builder().config(c).build().await.unwrap();
+    rt.session("ephemeral")
+        .open()
+        .await
+        .unwrap()
+        .chat("hi")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = rt.list_sessions(&SessionFilter::default()).await.unwrap();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the TTL sweeper never deleted {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = rt.session("ephemeral").existing().open().await.unwrap_err();
+    assert!(matches!(err, Error::SessionNotFound(_)), "{err}");
+}
