@@ -471,3 +471,77 @@ async fn sqlite_commits_survive_reopening() {
     assert_eq!(loaded.record, record);
     assert_eq!(loaded.recent[0].content, "durable");
 }
+
+/// One bad commit among many concurrent good ones (SQLite puts them in one
+/// batch): the bad one fails and changes nothing, every good one lands.
+async fn one_bad_commit_among_many(store: Arc<dyn Store>) {
+    let mut writers = Vec::new();
+    for i in 0..40 {
+        let mut w = Writer::create(store.as_ref(), &format!("batch-{i}")).await;
+        w.turn(store.as_ref(), "first", false).await.unwrap();
+        writers.push(w);
+    }
+    let victim = writers[7].record.clone();
+    let victim_head = victim.head.unwrap();
+    let mut tasks = Vec::new();
+    for (i, mut w) in writers.into_iter().enumerate() {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            if i == 7 {
+                // Valid version (its UPDATE succeeds) but a message id that
+                // exists already: it fails after changing a row.
+                let mut next = w.record.clone();
+                next.state_version += 1;
+                next.interactions += 1;
+                let clash = Commit {
+                    record: next,
+                    expected_version: Some(w.record.state_version),
+                    small_state_changed: false,
+                    new_segment: None,
+                    messages: vec![msg(victim_head, None, Role::User, "clash")],
+                    checkpoints: vec![],
+                    drop_checkpoints: vec![],
+                };
+                (i, store.commit(clash).await.is_ok())
+            } else {
+                (i, w.turn(store.as_ref(), "second", false).await.is_ok())
+            }
+        }));
+    }
+    for t in tasks {
+        let (i, ok) = t.await.unwrap();
+        assert_eq!(ok, i != 7, "commit {i}");
+    }
+    assert_eq!(
+        store
+            .load_session("batch-7", 0)
+            .await
+            .unwrap()
+            .unwrap()
+            .record,
+        victim
+    );
+    for i in (0..40).filter(|i| *i != 7) {
+        let l = store
+            .load_session(&format!("batch-{i}"), 10)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.recent.len(), 4, "batch-{i}");
+        assert_eq!(l.recent[2].content, "second");
+    }
+}
+
+#[tokio::test]
+async fn one_bad_commit_among_many_memory() {
+    one_bad_commit_among_many(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn one_bad_commit_among_many_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    one_bad_commit_among_many(Arc::new(
+        SqliteStore::open(dir.path().join("b.db"), SyncMode::Full).unwrap(),
+    ))
+    .await;
+}

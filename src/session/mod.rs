@@ -972,7 +972,11 @@ impl Runtime {
         };
         // An existing id: its history and state are replaced in one commit
         // (the old messages stay reachable from its checkpoints).
-        let session = self.session(doc.record.id.clone()).existing().open().await?;
+        let session = self
+            .session(doc.record.id.clone())
+            .existing()
+            .open()
+            .await?;
         let messages: Vec<NewMessage> = doc.history.into_iter().map(NewMessage::from).collect();
         let record = doc.record;
         session
