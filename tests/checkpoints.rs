@@ -549,3 +549,39 @@ async fn a_tip_covered_only_by_an_automatic_checkpoint_survives_restore_and_gc()
         .iter()
         .any(|b| { !b.current && b.last_message_at.is_some() }));
 }
+
+#[tokio::test]
+async fn a_replaced_history_stays_reachable_through_gc() {
+    let rt = memory_rt().await;
+    let s = rt.session("replace").open().await.unwrap();
+    s.chat("one").await.unwrap();
+    s.chat("two").await.unwrap();
+    s.set_history(vec![troupe::NewMessage::new(Role::User, "fresh start")])
+        .await
+        .unwrap();
+    assert_eq!(s.branches().await.unwrap().len(), 2);
+    assert_eq!(s.collect_garbage().await.unwrap().messages_deleted, 0);
+    let old = s
+        .branches()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| !b.current)
+        .expect("the replaced history is still a branch");
+    assert_eq!(rt.store().history(old.head, None).await.unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn a_stale_not_found_actor_does_not_hide_a_fork_created_under_its_id() {
+    let rt = memory_rt().await;
+    let x = rt.session("x").open().await.unwrap();
+    x.chat("hello").await.unwrap();
+    let p = rt.session("p").open().await.unwrap();
+    p.chat("parent").await.unwrap();
+    let cp = p.checkpoint("cp").await.unwrap();
+    assert!(rt.delete_session("x").await.unwrap());
+    assert!(x.chat("after delete").await.is_err()); // an actor for "x" that says "not found"
+    let forked = p.fork(&cp, "x").await.unwrap();
+    assert_eq!(forked.history().await.unwrap().len(), 2);
+    assert_eq!(x.history().await.unwrap().len(), 2);
+}

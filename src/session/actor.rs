@@ -870,24 +870,47 @@ impl Handler<SetHistory> for SessionActor {
             (Some(seg), msgs)
         };
         next.head = messages.last().map(|m| m.id);
-        let commit = Commit {
-            record: next.clone(),
-            expected_version: Some(expected),
-            small_state_changed: true,
-            new_segment,
-            messages: messages.clone(),
-            checkpoints: Vec::new(),
-            drop_checkpoints: Vec::new(),
-        };
+        let before = state.record.clone();
         let cap = self.recent_cap();
-        commit_then(self, commit, move |act| {
-            if let Some(s) = act.live_mut() {
-                let skip = messages.len().saturating_sub(cap);
-                s.recent = messages.into_iter().skip(skip).collect();
-                s.can_append = next.head.is_some();
-                s.record = next;
+        let store = self.core.store.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                // The history being replaced stays reachable: guard its head
+                // unless a kept checkpoint already points at it.
+                let protect =
+                    branch_guard(&store, &before, next.head, "a replaced history").await?;
+                store
+                    .commit(Commit {
+                        record: next.clone(),
+                        expected_version: Some(expected),
+                        small_state_changed: true,
+                        new_segment,
+                        messages: messages.clone(),
+                        checkpoints: protect.into_iter().collect(),
+                        drop_checkpoints: Vec::new(),
+                    })
+                    .await?;
+                Ok::<_, Error>((next, messages))
             }
-        })
+            .into_actor(self)
+            .map(move |res, act, ctx| match res {
+                Ok((next, messages)) => {
+                    if let Some(s) = act.live_mut() {
+                        let skip = messages.len().saturating_sub(cap);
+                        s.recent = messages.into_iter().skip(skip).collect();
+                        s.can_append = next.head.is_some();
+                        s.record = next;
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    if e.is_conflict() {
+                        act.invalidate(ctx);
+                    }
+                    Err(e)
+                }
+            }),
+        ))
     }
 }
 
@@ -1196,10 +1219,8 @@ impl Handler<DeleteCheckpoint> for SessionActor {
             Ok(s) => s.record.clone(),
             Err(e) => return done(Err(e)),
         };
-        if let Some(ids) = &mut self.auto_ids {
-            ids.retain(|i| i != &msg.checkpoint_id);
-        }
         let store = self.core.store.clone();
+        let checkpoint_id = msg.checkpoint_id.clone();
         AtomicResponse::new(Box::pin(
             async move {
                 let exists = store
@@ -1226,10 +1247,14 @@ impl Handler<DeleteCheckpoint> for SessionActor {
                 Ok::<_, Error>((true, version))
             }
             .into_actor(self)
-            .map(|res, act, ctx| match res {
+            .map(move |res, act, ctx| match res {
                 Ok((deleted, version)) => {
                     if let Some(s) = act.live_mut() {
                         s.record.state_version = version;
+                    }
+                    // Only once the delete is durable does the pruning list forget it.
+                    if let Some(ids) = &mut act.auto_ids {
+                        ids.retain(|i| i != &checkpoint_id);
                     }
                     Ok(deleted)
                 }

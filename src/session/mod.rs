@@ -495,8 +495,10 @@ impl Session {
         self.call(|| actor::History { limit: Some(limit) }).await?
     }
 
-    /// Replaces the history. The old messages stay in the store (reachable
-    /// from checkpoints), so this loses nothing.
+    /// Replaces the history. The old messages stay in the store: unless a
+    /// kept checkpoint already points at the old head, a `Branch` checkpoint
+    /// of it is taken in the same commit, so this loses nothing (even to
+    /// garbage collection).
     pub async fn set_history(&self, messages: Vec<NewMessage>) -> Result<()> {
         self.call(|| actor::SetHistory {
             messages: messages.clone(),
@@ -902,6 +904,7 @@ impl Runtime {
             }
             Err(e) => return Err(e.into()),
         }
+        self.evict(&new_id).await;
         self.session(new_id).existing().open().await
     }
 
@@ -958,7 +961,18 @@ impl Runtime {
                 drop_checkpoints: Vec::new(),
             })
             .await?;
+        self.evict(&id).await;
         self.session(id).existing().open().await
+    }
+
+    /// Drops a live actor of `id` that may have loaded the session before a
+    /// direct store write created it (it would answer "not found").
+    async fn evict(&self, id: &str) {
+        let core = self.core();
+        if let Some(addr) = core.registry.get(id) {
+            let _ = addr.send(actor::Passivate).await;
+            core.registry.forget(id, &addr);
+        }
     }
 
     /// Puts a session document into the store and opens the session.

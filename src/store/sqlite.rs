@@ -530,6 +530,18 @@ fn apply_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, St
     for job in batch {
         let before = tx.total_changes();
         let r = apply_job(&tx, job);
+        if r.is_err() && tx.is_autocommit() {
+            // SQLite rolled the whole transaction back by itself (I/O error,
+            // disk full): nothing of this batch is applied; run no more of it.
+            let reason = match &r {
+                Err(e) => e.to_string(),
+                Ok(_) => String::new(),
+            };
+            return batch
+                .iter()
+                .map(|_| Err(StoreError::Database(format!("batch rolled back: {reason}"))))
+                .collect();
+        }
         if r.is_err() && tx.total_changes() != before {
             dirty_failure = true;
             break;
