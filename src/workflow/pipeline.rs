@@ -519,6 +519,18 @@ impl Pipeline {
             task: id.to_string(),
             reason: "no task",
         })?;
+        self.prepare_task(task, inputs, outputs)
+    }
+
+    /// [`prepare`](Self::prepare) for a task the caller already holds (from
+    /// a [`Schedule`]): no lookup by id, so a run stays linear in its size.
+    pub fn prepare_task(
+        &self,
+        task: &Task,
+        inputs: &HashMap<String, String>,
+        outputs: &HashMap<String, String>,
+    ) -> Result<Prepared, WorkflowError> {
+        let id = task.id.as_str();
         let ctx = Context { inputs, outputs };
         let err = |field, source| WorkflowError::Template {
             file: self.file.clone(),

@@ -153,8 +153,10 @@ pub async fn run_pipeline(
                 .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
                 .collect();
             let inputs = pipeline.resolve_inputs(&given)?;
+            let known: std::collections::HashSet<&str> =
+                pipeline.tasks.iter().map(|t| t.id.as_str()).collect();
             for r in store.task_results(id).await? {
-                if r.status.is_final() && pipeline.task(&r.task_id).is_some() {
+                if r.status.is_final() && known.contains(r.task_id.as_str()) {
                     outputs.insert(r.task_id.clone(), r.output.clone().unwrap_or_default());
                     results.insert(r.task_id.clone(), r);
                 }
@@ -230,7 +232,7 @@ pub async fn run_pipeline(
             let Some(task) = schedule.start_next() else {
                 break;
             };
-            let prepared = pipeline.prepare(&task.id, &inputs, &outputs);
+            let prepared = pipeline.prepare_task(task, &inputs, &outputs);
             let rt = rt.clone();
             let store = store.clone();
             let run_id = run.id.clone();
