@@ -25,6 +25,10 @@ struct ServerState {
     requests: Arc<Mutex<Vec<String>>>,
     /// While set, a request whose last user message starts with "Write" hangs.
     hang: Arc<AtomicBool>,
+    /// Answer this many requests from now with 503.
+    fail_next: Arc<std::sync::atomic::AtomicUsize>,
+    /// Clear `hang` after the first hanging request has arrived (hang once).
+    hang_once: Arc<AtomicBool>,
 }
 
 fn last_user_message(body: &Value) -> String {
@@ -43,7 +47,26 @@ async fn chat_completions(body: web::Bytes, state: web::Data<ServerState>) -> Ht
     if body["stream"] == json!(true) {
         return HttpResponse::BadRequest().body("this fake server does not stream");
     }
-    if user.starts_with("Write") {
+    if state
+        .fail_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return HttpResponse::ServiceUnavailable().body("fake overload");
+    }
+    if user.starts_with("Write") && state.hang.load(Ordering::SeqCst) {
+        if state.hang_once.load(Ordering::SeqCst) {
+            // This request hangs (bounded); later ones do not.
+            state.hang.store(false, Ordering::SeqCst);
+            actix_web::rt::time::sleep(Duration::from_secs(5)).await;
+        }
+        let since = Instant::now();
+            let gate = Arc::new(AtomicBool::new(true));
+            while gate.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(5) {
+                flag.store(false, Ordering::SeqCst);
+                actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let since = Instant::now();
         while state.hang.load(Ordering::SeqCst) && since.elapsed() < HANG_AT_MOST {
             actix_web::rt::time::sleep(Duration::from_millis(20)).await;
@@ -69,6 +92,8 @@ struct FakeServer {
     addr: SocketAddr,
     requests: Arc<Mutex<Vec<String>>>,
     hang: Arc<AtomicBool>,
+    fail_next: Arc<std::sync::atomic::AtomicUsize>,
+    hang_once: Arc<AtomicBool>,
     handle: ServerHandle,
     thread: Option<JoinHandle<()>>,
 }
@@ -77,8 +102,11 @@ impl FakeServer {
     fn start() -> FakeServer {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let hang = Arc::new(AtomicBool::new(true));
+        let fail_next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hang_once = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let (recs, flag) = (requests.clone(), hang.clone());
+        let (fails, once) = (fail_next.clone(), hang_once.clone());
         let thread = std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
                 let server = HttpServer::new(move || {
@@ -86,6 +114,8 @@ impl FakeServer {
                         .app_data(web::Data::new(ServerState {
                             requests: recs.clone(),
                             hang: flag.clone(),
+                            fail_next: fails.clone(),
+                            hang_once: once.clone(),
                         }))
                         .route("/v1/chat/completions", web::post().to(chat_completions))
                 })
@@ -105,6 +135,8 @@ impl FakeServer {
             addr,
             requests,
             hang,
+            fail_next,
+            hang_once,
             handle,
             thread: Some(thread),
         }
@@ -359,4 +391,74 @@ fn kill_9_mid_run_then_resume_does_not_resend_finished_tasks() {
     assert!(after[0].contains("done: Outline"), "{after:#?}");
     let shown = troupe_json(&cfg, tmp.path(), &["runs", "show", &id, "--json"]);
     assert_eq!(shown["status"], "succeeded", "{shown:#}");
+}
+
+/// Retries and timeouts of pipeline tasks against an OpenAI-compatible
+/// server over HTTP: the first call fails with 503, the first `Write…` call
+/// hangs past the task's timeout — both tasks succeed on their retry.
+#[tokio::test]
+async fn retries_and_timeouts_against_the_fake_model_server() {
+    use troupe::model::{OpenAiModel, OpenAiSettings};
+    use troupe::store::RunStatus;
+    use troupe::workflow::{run_pipeline, Pipeline, RunOptions};
+
+    let server = FakeServer::start();
+    server.fail_next.store(1, Ordering::SeqCst);
+    server.hang_once.store(true, Ordering::SeqCst);
+    let settings = OpenAiSettings {
+        base_url: format!("http://{}/v1", server.addr),
+        model: "fake".into(),
+        api_key: None,
+        temperature: None,
+        max_tokens: None,
+        timeout: Duration::from_secs(20),
+        max_retries: 0, // the task's retries are what is tested
+        backoff: Duration::from_millis(10),
+    };
+    let model = Arc::new(OpenAiModel::new(settings).expect("client"));
+    let mut config = troupe::Config::default();
+    config.agents.dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("agents");
+    let rt = troupe::Runtime::builder()
+        .config(config)
+        .memory_store()
+        .model(model)
+        .build()
+        .await
+        .expect("runtime");
+    let text = r#"
+name = "retry"
+[[task]]
+id = "research"
+agent = "researcher"
+retries = 1
+prompt = "Research qubits"
+[[task]]
+id = "write"
+agent = "writer"
+depends_on = ["research"]
+retries = 1
+timeout_secs = 1
+prompt = "Write about {{ tasks.research.output }}"
+"#;
+    let p = Pipeline::parse("retry.toml", text).expect("pipeline");
+    let opts = RunOptions {
+        retry_backoff: Duration::from_millis(10),
+        ..RunOptions::default()
+    };
+    let report = run_pipeline(&rt, &p, "retry.toml", opts, None)
+        .await
+        .expect("run");
+    assert_eq!(report.run.status, RunStatus::Succeeded, "{report:?}");
+    let attempts: Vec<(String, u32)> = report
+        .tasks
+        .iter()
+        .map(|t| (t.task_id.clone(), t.attempts))
+        .collect();
+    assert_eq!(attempts, [("research".to_string(), 2), ("write".to_string(), 2)]);
+    let seen: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(seen, ["Research", "Research", "Write", "Write"]);
 }
