@@ -61,13 +61,6 @@ async fn chat_completions(body: web::Bytes, state: web::Data<ServerState>) -> Ht
             actix_web::rt::time::sleep(Duration::from_secs(5)).await;
         }
         let since = Instant::now();
-            let gate = Arc::new(AtomicBool::new(true));
-            while gate.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(5) {
-                flag.store(false, Ordering::SeqCst);
-                actix_web::rt::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        let since = Instant::now();
         while state.hang.load(Ordering::SeqCst) && since.elapsed() < HANG_AT_MOST {
             actix_web::rt::time::sleep(Duration::from_millis(20)).await;
         }
@@ -454,7 +447,10 @@ prompt = "Write about {{ tasks.research.output }}"
         .iter()
         .map(|t| (t.task_id.clone(), t.attempts))
         .collect();
-    assert_eq!(attempts, [("research".to_string(), 2), ("write".to_string(), 2)]);
+    assert_eq!(
+        attempts,
+        [("research".to_string(), 2), ("write".to_string(), 2)]
+    );
     let seen: Vec<String> = server
         .requests()
         .iter()
