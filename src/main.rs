@@ -949,6 +949,7 @@ async fn run_pipeline(rt: &Runtime, args: RunArgs) -> troupe::Result<()> {
         fail_fast: args.fail_fast,
         retry_backoff: Duration::from_millis(wf.retry_backoff_ms),
         resume: args.resume,
+        cancel: None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let started = std::time::Instant::now();
@@ -1030,7 +1031,22 @@ async fn run_pipeline(rt: &Runtime, args: RunArgs) -> troupe::Result<()> {
         }
     });
     let path = args.pipeline.display().to_string();
-    let report = troupe::workflow::run_pipeline(rt, &pipeline, &path, opts, Some(tx)).await;
+    // One WorkflowActor per run; Ctrl-C cancels it: running tasks end and are
+    // recorded, the run ends `interrupted`, and `--resume` continues it.
+    let handle = troupe::workflow::start_pipeline(rt, pipeline, path, opts, Some(tx));
+    let canceller = handle.canceller();
+    let mut wait = Box::pin(handle.wait());
+    let mut cancelled = false;
+    let report = loop {
+        tokio::select! {
+            r = &mut wait => break r,
+            _ = tokio::signal::ctrl_c(), if !cancelled => {
+                cancelled = true;
+                eprintln!("interrupted: running tasks finish and are recorded; continue with --resume (Ctrl-C again is ignored; kill -9 is safe too)");
+                canceller.cancel().await;
+            }
+        }
+    };
     let _ = progress.await;
     let report = report?;
     if args.json {

@@ -386,3 +386,65 @@ async fn a_bad_session_id_leaves_no_run_behind() {
     assert!(err.to_string().contains("bad id!"), "{err}");
     assert!(rt.store().list_runs(10).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_workflow_actor_cancelled_mid_run_ends_interrupted_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ScriptedModel::with_delay(Duration::from_millis(30));
+    let rt = rt_with(dir.path(), model.clone()).await;
+    let text = r#"
+name = "chain"
+[[task]]
+id = "a"
+agent = "assistant"
+prompt = "step a"
+[[task]]
+id = "b"
+agent = "assistant"
+depends_on = ["a"]
+prompt = "step b"
+[[task]]
+id = "c"
+agent = "assistant"
+depends_on = ["b"]
+prompt = "step c"
+"#;
+    let p = Pipeline::parse("chain.toml", text).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handle =
+        troupe::workflow::start_pipeline(&rt, p.clone(), "chain.toml".into(), opts(), Some(tx));
+    // Cancel as soon as the first task has ended.
+    while let Some(e) = rx.recv().await {
+        if matches!(e, RunEvent::TaskEnded { ref task, .. } if task == "a") {
+            handle.cancel().await;
+            break;
+        }
+    }
+    let report = handle.wait().await.unwrap();
+    assert_eq!(report.run.status, RunStatus::Interrupted);
+    let done: Vec<_> = report.tasks.iter().map(|t| t.task_id.as_str()).collect();
+    assert!(done.starts_with(&["a"]) && !done.contains(&"c"), "{done:?}");
+    let sent_before = model.requests().len();
+    let resumed = run_pipeline(
+        &rt,
+        &p,
+        "chain.toml",
+        RunOptions {
+            resume: Some(report.run.id.clone()),
+            ..opts()
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resumed.run.status, RunStatus::Succeeded);
+    let later: Vec<String> = model.requests()[sent_before..]
+        .iter()
+        .map(|r| r.messages[1].content.clone())
+        .collect();
+    assert!(!later.iter().any(|m| m.starts_with("step a")), "{later:?}");
+    assert!(
+        later.last().is_some_and(|m| m.starts_with("step c")),
+        "{later:?}"
+    );
+}

@@ -46,7 +46,10 @@ pub mod template;
 
 pub use graph::{dot, mermaid, GraphFormat};
 pub use pipeline::{InputSpec, Pipeline, Prepared, Schedule, Task, TaskState};
-pub use runner::{run_pipeline, RunEvent, RunOptions, RunReport};
+pub use runner::{
+    run_pipeline, start_pipeline, Cancel, RunCanceller, RunEvent, RunHandle, RunOptions, RunReport,
+    WorkflowActor,
+};
 pub use template::{Condition, Context, Template, TemplateError};
 
 use std::fmt;

@@ -11,7 +11,11 @@
 //! session's shared state (or the pipeline's namespace).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use actix::prelude::*;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
@@ -39,6 +43,9 @@ pub struct RunOptions {
     pub retry_backoff: Duration,
     /// Continue this run instead of starting a new one.
     pub resume: Option<String>,
+    /// Set to stop starting tasks (the running ones end and are recorded;
+    /// the run ends `interrupted`, resumable). [`WorkflowActor`]'s `Cancel`.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for RunOptions {
@@ -50,6 +57,7 @@ impl Default for RunOptions {
             fail_fast: false,
             retry_backoff: Duration::from_millis(500),
             resume: None,
+            cancel: None,
         }
     }
 }
@@ -228,6 +236,13 @@ pub async fn run_pipeline(
     let mut stop_starting = false;
     let mut failed_any = false;
     loop {
+        if opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            stop_starting = true;
+        }
         while !stop_starting && schedule.running() < opts.max_parallel.max(1) {
             let Some(task) = schedule.start_next() else {
                 break;
@@ -478,4 +493,95 @@ async fn retry_pause(
         );
         tokio::time::sleep(backoff * 2u32.saturating_pow(attempt - 1)).await;
     }
+}
+
+/// The actor of one run: it owns the run (the future of [`run_pipeline`],
+/// spawned in its context) and takes `Cancel`; it stops when the run ends.
+pub struct WorkflowActor {
+    cancel: Arc<AtomicBool>,
+    run: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>>,
+}
+
+impl Actor for WorkflowActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(run) = self.run.take() {
+            ctx.spawn(run.into_actor(self).map(|_, _, ctx| ctx.stop()));
+        }
+    }
+}
+
+/// Stop starting tasks; the running ones end and are recorded, and the run
+/// ends `interrupted` (continue it with `--resume`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Cancel;
+
+impl Handler<Cancel> for WorkflowActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Cancel, _: &mut Self::Context) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A started run: cancel it, or wait for its report.
+pub struct RunHandle {
+    addr: Addr<WorkflowActor>,
+    done: tokio::sync::oneshot::Receiver<Result<RunReport>>,
+}
+
+/// Cancels a run from anywhere (a clone of its actor's address).
+#[derive(Clone)]
+pub struct RunCanceller(Addr<WorkflowActor>);
+
+impl RunCanceller {
+    /// Asks the run to stop starting tasks (see [`Cancel`]).
+    pub async fn cancel(&self) {
+        let _ = self.0.send(Cancel).await;
+    }
+}
+
+impl RunHandle {
+    /// Asks the run to stop starting tasks (see [`Cancel`]).
+    pub async fn cancel(&self) {
+        let _ = self.addr.send(Cancel).await;
+    }
+
+    /// A canceller that can outlive a borrow of this handle.
+    pub fn canceller(&self) -> RunCanceller {
+        RunCanceller(self.addr.clone())
+    }
+
+    /// The run's report, once it ends.
+    pub async fn wait(self) -> Result<RunReport> {
+        self.done
+            .await
+            .map_err(|_| Error::Runtime("the workflow actor stopped before its run ended".into()))?
+    }
+}
+
+/// Starts a run in a [`WorkflowActor`] (one per run) and returns its handle.
+pub fn start_pipeline(
+    rt: &Runtime,
+    pipeline: Pipeline,
+    path: String,
+    mut opts: RunOptions,
+    events: Option<mpsc::UnboundedSender<RunEvent>>,
+) -> RunHandle {
+    let cancel = opts.cancel.clone().unwrap_or_default();
+    opts.cancel = Some(cancel.clone());
+    let (tx, done) = tokio::sync::oneshot::channel();
+    let rt2 = rt.clone();
+    let core = rt.core();
+    let arbiter = &core.arbiters[0];
+    let addr = WorkflowActor::start_in_arbiter(arbiter, move |_| WorkflowActor {
+        cancel,
+        run: Some(Box::pin(async move {
+            let report = run_pipeline(&rt2, &pipeline, &path, opts, events).await;
+            let _ = tx.send(report);
+        })),
+    });
+    RunHandle { addr, done }
 }
