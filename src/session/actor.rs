@@ -157,6 +157,16 @@ impl SessionActor {
         self.leave_soon(ctx);
     }
 
+    /// A write failed: after a conflict the in-memory state is stale, so the
+    /// actor leaves (see [`invalidate`](Self::invalidate)). Returns the error.
+    fn failed<E: Into<Error>>(&mut self, ctx: &mut Context<Self>, e: E) -> Error {
+        let e = e.into();
+        if e.is_conflict() {
+            self.invalidate(ctx);
+        }
+        e
+    }
+
     /// Leaves the registry now (new requests get a fresh actor) but stops
     /// only after answering what is already queued, so no caller sees its
     /// request dropped.
@@ -264,12 +274,7 @@ fn commit_then<T: 'static>(
             .into_actor(act)
             .map(move |res, act, ctx| match res {
                 Ok(()) => Ok(apply(act)),
-                Err(e) => {
-                    if matches!(e, StoreError::Conflict { .. }) {
-                        act.invalidate(ctx);
-                    }
-                    Err(e.into())
-                }
+                Err(e) => Err(act.failed(ctx, e)),
             }),
     ))
 }
@@ -628,12 +633,7 @@ impl Handler<Chat> for SessionActor {
             .into_actor(self)
             .map(|res, act, ctx| match res {
                 Ok(applied) => Ok(finish_turn(act, applied)),
-                Err(e) => {
-                    if matches!(e, Error::Store(StoreError::Conflict { .. })) {
-                        act.invalidate(ctx);
-                    }
-                    Err(e)
-                }
+                Err(e) => Err(act.failed(ctx, e)),
             }),
         ))
     }
@@ -694,12 +694,7 @@ impl Handler<ChatStream> for SessionActor {
             .map(move |res, act, ctx| {
                 let event = match res {
                     Ok(applied) => Ok(StreamEvent::Done(finish_turn(act, applied))),
-                    Err(e) => {
-                        if matches!(e, Error::Store(StoreError::Conflict { .. })) {
-                            act.invalidate(ctx);
-                        }
-                        Err(e)
-                    }
+                    Err(e) => Err(act.failed(ctx, e)),
                 };
                 let _ = tx2.send(event);
             }),
@@ -903,12 +898,7 @@ impl Handler<SetHistory> for SessionActor {
                     }
                     Ok(())
                 }
-                Err(e) => {
-                    if e.is_conflict() {
-                        act.invalidate(ctx);
-                    }
-                    Err(e)
-                }
+                Err(e) => Err(act.failed(ctx, e)),
             }),
         ))
     }
@@ -1024,12 +1014,7 @@ impl Handler<TakeCheckpoint> for SessionActor {
                     }
                     Ok(cp)
                 }
-                Err(e) => {
-                    if e.is_conflict() {
-                        act.invalidate(ctx);
-                    }
-                    Err(e)
-                }
+                Err(e) => Err(act.failed(ctx, e)),
             }),
         ))
     }
@@ -1135,12 +1120,7 @@ impl Handler<Restore> for SessionActor {
                     }
                     Ok(meta)
                 }
-                Err(e) => {
-                    if e.is_conflict() {
-                        act.invalidate(ctx);
-                    }
-                    Err(e)
-                }
+                Err(e) => Err(act.failed(ctx, e)),
             }),
         ))
     }
@@ -1258,12 +1238,7 @@ impl Handler<DeleteCheckpoint> for SessionActor {
                     }
                     Ok(deleted)
                 }
-                Err(e) => {
-                    if e.is_conflict() {
-                        act.invalidate(ctx);
-                    }
-                    Err(e)
-                }
+                Err(e) => Err(act.failed(ctx, e)),
             }),
         ))
     }
@@ -1308,13 +1283,10 @@ impl Handler<CollectGarbage> for SessionActor {
                 })
             }
             .into_actor(self)
+            // The head is a root, so its segment's tip is never cut:
+            // `can_append` stays true where it was.
             .map(|res: Result<crate::checkpoint::GcReport>, act, ctx| {
-                // The head is a root, so its segment's tip is never cut:
-                // `can_append` stays true where it was.
-                if res.as_ref().is_err_and(|e| e.is_conflict()) {
-                    act.invalidate(ctx);
-                }
-                res
+                res.map_err(|e| act.failed(ctx, e))
             }),
         ))
     }

@@ -509,21 +509,23 @@ fn apply_job(tx: &Transaction<'_>, job: &WriteJob) -> Result<bool, StoreError> {
     }
 }
 
+/// The same failure for every job of a batch.
+fn fail_all(batch: &[WriteJob], reason: &str) -> Vec<Result<bool, StoreError>> {
+    batch
+        .iter()
+        .map(|_| Err(StoreError::Database(reason.to_string())))
+        .collect()
+}
+
 /// Applies a batch in one transaction. Fast path: no savepoints — a job that
 /// fails before changing anything (a version conflict is detected by the
 /// first statement) is simply reported. Only if a job fails after changing
 /// rows is the transaction rolled back and the batch redone with one
 /// savepoint per job.
 fn apply_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, StoreError>> {
-    let fail_all = |e: &rusqlite::Error| {
-        batch
-            .iter()
-            .map(|_| Err(StoreError::Database(e.to_string())))
-            .collect()
-    };
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
-        Err(e) => return fail_all(&e),
+        Err(e) => return fail_all(batch, &e.to_string()),
     };
     let mut results = Vec::with_capacity(batch.len());
     let mut dirty_failure = false;
@@ -533,14 +535,8 @@ fn apply_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, St
         if r.is_err() && tx.is_autocommit() {
             // SQLite rolled the whole transaction back by itself (I/O error,
             // disk full): nothing of this batch is applied; run no more of it.
-            let reason = match &r {
-                Err(e) => e.to_string(),
-                Ok(_) => String::new(),
-            };
-            return batch
-                .iter()
-                .map(|_| Err(StoreError::Database(format!("batch rolled back: {reason}"))))
-                .collect();
+            let reason = r.err().map(|e| e.to_string()).unwrap_or_default();
+            return fail_all(batch, &format!("batch rolled back: {reason}"));
         }
         if r.is_err() && tx.total_changes() != before {
             dirty_failure = true;
@@ -551,11 +547,11 @@ fn apply_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, St
     if !dirty_failure {
         return match tx.commit() {
             Ok(()) => results,
-            Err(e) => fail_all(&e),
+            Err(e) => fail_all(batch, &e.to_string()),
         };
     }
     if let Err(e) = tx.rollback() {
-        return fail_all(&e);
+        return fail_all(batch, &e.to_string());
     }
     apply_batch_isolated(conn, batch)
 }
@@ -565,15 +561,9 @@ fn apply_batch_isolated(
     conn: &mut Connection,
     batch: &[WriteJob],
 ) -> Vec<Result<bool, StoreError>> {
-    let fail_all = |e: &rusqlite::Error| {
-        batch
-            .iter()
-            .map(|_| Err(StoreError::Database(e.to_string())))
-            .collect()
-    };
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
-        Err(e) => return fail_all(&e),
+        Err(e) => return fail_all(batch, &e.to_string()),
     };
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
@@ -595,7 +585,7 @@ fn apply_batch_isolated(
     }
     match tx.commit() {
         Ok(()) => results,
-        Err(e) => fail_all(&e),
+        Err(e) => fail_all(batch, &e.to_string()),
     }
 }
 
