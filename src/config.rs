@@ -9,7 +9,7 @@
 //!
 //! Environment overrides, applied last: `TROUPE_MODEL_PROVIDER`,
 //! `TROUPE_MODEL_BASE_URL`, `TROUPE_MODEL_NAME`, `TROUPE_STORE_PATH`,
-//! `TROUPE_STORE_BACKEND`.
+//! `TROUPE_STORE_BACKEND`, `TROUPE_STORE_URL`.
 
 use std::path::{Path, PathBuf};
 
@@ -57,6 +57,8 @@ pub enum StoreBackend {
     Sqlite,
     /// In process memory; nothing survives the process.
     Memory,
+    /// A Redis server shared by several nodes (`store.url`).
+    Redis,
 }
 
 /// `[store]`.
@@ -69,6 +71,14 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// fsync policy.
     pub sync: SyncMode,
+    /// The server URL of a networked backend (`redis://127.0.0.1:6379/0`).
+    pub url: String,
+    /// Prefix of every key a networked backend writes, so several
+    /// deployments can share one server.
+    pub key_prefix: String,
+    /// How long a node's claim on a live session lasts without renewal
+    /// (Redis backend), milliseconds.
+    pub lease_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -77,6 +87,9 @@ impl Default for StoreConfig {
             backend: StoreBackend::Sqlite,
             path: PathBuf::from("data/troupe.db"),
             sync: SyncMode::Full,
+            url: "redis://127.0.0.1:6379/0".into(),
+            key_prefix: "troupe:".into(),
+            lease_ms: 10_000,
         }
     }
 }
@@ -233,6 +246,41 @@ impl Default for AgentsConfig {
     }
 }
 
+/// `[server]`: the daemon (`troupe serve`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub bind: String,
+    /// Environment variable holding the admin API key (unset = auth off).
+    pub api_key_env: String,
+    /// Environment variable holding the session-token signing keys,
+    /// `kid:secret[,kid:secret…]`; the first signs, all verify (rotation).
+    pub token_keys_env: String,
+    /// Largest request body accepted, bytes (larger → 413).
+    pub max_body_bytes: usize,
+    /// Allow binding a non-loopback address with auth off.
+    pub allow_public_without_auth: bool,
+    /// This node's name (several nodes sharing a Redis store); empty = host-pid.
+    pub node_id: String,
+    /// HTTP worker threads; 0 = one per core.
+    pub workers: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: "127.0.0.1:8000".into(),
+            api_key_env: "TROUPE_API_KEY".into(),
+            token_keys_env: "TROUPE_TOKEN_KEYS".into(),
+            max_body_bytes: 1 << 20,
+            allow_public_without_auth: false,
+            node_id: String::new(),
+            workers: 0,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -251,6 +299,8 @@ pub struct Config {
     pub workflow: WorkflowConfig,
     /// `[agents]`
     pub agents: AgentsConfig,
+    /// `[server]`
+    pub server: ServerConfig,
     /// The file this was read from, if any.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -317,14 +367,18 @@ impl Config {
             self.store.backend = match v.as_str() {
                 "sqlite" => StoreBackend::Sqlite,
                 "memory" => StoreBackend::Memory,
+                "redis" => StoreBackend::Redis,
                 _ => {
                     return Err(ConfigError::Invalid {
                         key: "TROUPE_STORE_BACKEND".into(),
                         value: v,
-                        reason: "expected sqlite or memory".into(),
+                        reason: "expected sqlite, memory or redis".into(),
                     })
                 }
             };
+        }
+        if let Some(v) = var("TROUPE_STORE_URL") {
+            self.store.url = v;
         }
         self.validate()
     }

@@ -19,6 +19,8 @@ use serde_json::json;
 use troupe::store::SessionFilter;
 use troupe::{Config, Error, Runtime, Session, StreamEvent};
 
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "troupe",
@@ -59,6 +61,14 @@ enum Command {
     Agents(AgentsCmd),
     /// Measure the runtime: per-turn overhead, throughput, cold open, memory.
     Bench(troupe::bench::BenchOptions),
+    /// A user's long-term memories: list, search, add, forget.
+    #[command(subcommand)]
+    Memory(cli::memory::MemoryCmd),
+    /// Run the daemon: the runtime over HTTP (REST /v1, OpenAI- and PraisonAI-compatible endpoints).
+    Serve(cli::serve::ServeArgs),
+    /// Signed session tokens for remote clients.
+    #[command(subcommand)]
+    Token(cli::serve::TokenCmd),
 }
 
 #[derive(Args)]
@@ -120,6 +130,14 @@ enum SessionsCmd {
     Import {
         /// The file.
         path: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A session's analytics: interactions, duration, messages and latency per agent, topics, feedback.
+    Analytics {
+        /// Session id.
+        id: String,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -407,8 +425,11 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> troupe::Result<()> {
     let config = Config::discover(cli.config.as_deref())?;
-    if let Command::Bench(opts) = cli.command {
-        return troupe::bench::run_cli(config, opts).await;
+    match cli.command {
+        Command::Bench(opts) => return troupe::bench::run_cli(config, opts).await,
+        Command::Serve(args) => return cli::serve::serve(config, args).await,
+        Command::Token(cmd) => return cli::serve::token(config, cmd).await,
+        _ => {}
     }
     let rt = Runtime::builder().config(config).build().await?;
     let result = dispatch(&rt, cli.command).await;
@@ -440,7 +461,10 @@ async fn dispatch(rt: &Runtime, command: Command) -> troupe::Result<()> {
             }
             Ok(())
         }
-        Command::Bench(_) => unreachable!("handled before the runtime starts"),
+        Command::Memory(cmd) => cli::memory::run(rt, cmd).await,
+        Command::Bench(_) | Command::Serve(_) | Command::Token(_) => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }
 
@@ -618,6 +642,7 @@ async fn sessions(rt: &Runtime, cmd: SessionsCmd) -> troupe::Result<()> {
                 );
             }
         }
+        SessionsCmd::Analytics { id, json } => cli::memory::analytics(rt, id, json).await?,
         SessionsCmd::Rm { id, json } => {
             let existed = rt.delete_session(&id).await?;
             if !existed {

@@ -321,6 +321,10 @@ pub fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
             &config.store.path,
             config.store.sync,
         )?)),
+        StoreBackend::Redis => Err(StoreError::Open {
+            path: config.store.url.clone(),
+            reason: "the redis backend is not built yet".into(),
+        }),
     }
 }
 
