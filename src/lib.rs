@@ -25,7 +25,10 @@
 //! - [`model`]: the [`ChatModel`] trait; `echo` and `openai` providers.
 //! - [`state`]: [`SharedState`] — namespaced, versioned key/value shared by agents and sessions.
 //! - [`workflow`]: config-file pipelines — parsing, validation, templates, scheduling, graphs.
-//! - [`store`]: the [`Store`] trait; `memory` and `sqlite` backends; session files.
+//! - [`store`]: the [`Store`] trait; `memory`, `sqlite` and `redis` backends; session files.
+//! - [`memory`]: the context window, long-term per-user memories, analytics.
+//! - [`server`]: the daemon (`troupe serve`): REST `/v1`, OpenAI- and PraisonAI-compatible endpoints, auth.
+//! - [`client`]: [`client::RemoteSession`], a session served by a daemon.
 //! - [`config`]: `config.toml` and environment overrides.
 //! - [`bench`]: the built-in benchmark (`troupe bench`).
 //! - [`error`]: the crate's [`Error`].
@@ -34,10 +37,13 @@
 pub mod agent;
 pub mod bench;
 pub mod checkpoint;
+pub mod client;
 pub mod config;
 pub mod error;
+pub mod memory;
 pub mod model;
 pub mod runtime;
+pub mod server;
 pub mod session;
 pub mod state;
 pub mod store;

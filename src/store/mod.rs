@@ -15,6 +15,7 @@
 //! sessions) and [`SqliteStore`] (the embedded default).
 
 mod memory;
+pub mod redis;
 mod sqlite;
 mod types;
 

@@ -1,0 +1,1 @@
+//! `RemoteSession`: a session served by a `troupe serve` daemon. Not built yet.

@@ -1,0 +1,1 @@
+//! The daemon: the runtime over HTTP (`troupe serve`). Not built yet.

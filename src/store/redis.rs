@@ -1,0 +1,1 @@
+//! The Redis backend. Not built yet.
