@@ -52,6 +52,19 @@ pub enum Error {
     /// The runtime is shut down or could not start.
     #[error("runtime: {0}")]
     Runtime(String),
+    /// A call to a remote daemon failed (see [`crate::client::RemoteSession`]).
+    #[error("{url}: {message}")]
+    Remote {
+        /// The request (method and URL).
+        url: String,
+        /// The HTTP status, if the server answered.
+        status: Option<u16>,
+        /// The server's error code (`not_found`, `unauthorized`, …), or
+        /// `unreachable`/`timeout`/`bad_response` for client-side failures.
+        code: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl Error {
@@ -73,6 +86,10 @@ impl Error {
             Error::SessionNotFound(_)
                 | Error::Store(StoreError::NotFound { .. })
                 | Error::Agent(AgentError::Unknown { .. })
+                | Error::Remote {
+                    status: Some(404),
+                    ..
+                }
         )
     }
 }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use echo::EchoModel;
 pub use openai::{OpenAiModel, OpenAiSettings};
+pub(crate) use openai::SseParser;
 
 use crate::config::{ModelConfig, ModelProvider};
 use crate::store::Role;
