@@ -68,10 +68,18 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether another writer changed the session first (the turn was not
-    /// applied; retrying it works against the fresh state).
+    /// Whether another writer changed the session first, or another node
+    /// owns it now (the turn was not applied; retrying it works against the
+    /// fresh state).
     pub fn is_conflict(&self) -> bool {
-        matches!(self, Error::Store(StoreError::Conflict { .. }))
+        matches!(
+            self,
+            Error::Store(
+                StoreError::Conflict { .. }
+                    | StoreError::Fenced { .. }
+                    | StoreError::OwnedElsewhere { .. }
+            )
+        )
     }
 
     /// Whether a shared-state write was refused because the key's version moved on.

@@ -272,8 +272,8 @@ impl RuntimeBuilder {
         let idle = Duration::from_secs_f64(config.sessions.idle_secs);
         let core = Arc::new(Core {
             config,
+            registry: Registry::with_store(store.clone()),
             store,
-            registry: Registry::default(),
             arbiters,
             idle,
             default_model,
@@ -289,6 +289,7 @@ impl RuntimeBuilder {
             }),
         };
         rt.start_ttl_sweeper();
+        rt.start_handoff_listener();
         Ok(rt)
     }
 }
@@ -448,6 +449,33 @@ impl Runtime {
         }
         core.store.flush().await?;
         Ok(())
+    }
+
+    /// Another node asks for a session live here (a leasing store, Redis):
+    /// its actor passivates after the turn in hand, which releases the lease
+    /// (see [`Registry::with_store`]); with no live actor the lease is
+    /// released at once.
+    fn start_handoff_listener(&self) {
+        let Some(mut requests) = self.inner.core.store.handoff_requests() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner.core);
+        self.inner.core.arbiters[0].spawn(async move {
+            while let Some(id) = requests.recv().await {
+                let Some(core) = weak.upgrade() else { return };
+                match core.registry.get(&id) {
+                    Some(addr) => {
+                        actix::spawn(async move {
+                            if addr.send(actor::Passivate).await.is_err() {
+                                core.registry.forget(&id, &addr);
+                                core.store.release(&id);
+                            }
+                        });
+                    }
+                    None => core.store.release(&id),
+                }
+            }
+        });
     }
 
     fn start_ttl_sweeper(&self) {

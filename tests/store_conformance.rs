@@ -545,3 +545,41 @@ async fn one_bad_commit_among_many_sqlite() {
     ))
     .await;
 }
+
+// ---- Redis (runs when TROUPE_TEST_REDIS_URL is set; fails if it is set and Redis is down) ----
+
+/// A Redis store on a fresh key prefix, or `None` (with a printed reason)
+/// when `TROUPE_TEST_REDIS_URL` is unset.
+async fn redis_store(test: &str) -> Option<Arc<troupe::store::RedisStore>> {
+    let Ok(url) = std::env::var("TROUPE_TEST_REDIS_URL") else {
+        eprintln!(
+            "skipping {test}: set TROUPE_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/15) to run it"
+        );
+        return None;
+    };
+    let mut o = troupe::store::RedisOptions::new(url.clone());
+    o.key_prefix = format!("troupe-test:{}:", uuid::Uuid::new_v4());
+    o.node_id = format!("conformance-{test}");
+    let store = troupe::store::RedisStore::open(o)
+        .await
+        .unwrap_or_else(|e| panic!("TROUPE_TEST_REDIS_URL={url} is set but unusable: {e}"));
+    Some(Arc::new(store))
+}
+
+#[tokio::test]
+async fn redis_store_meets_the_contract() {
+    let Some(store) = redis_store("redis_store_meets_the_contract").await else {
+        return;
+    };
+    contract(store.clone()).await;
+    store.delete_all_keys().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_bad_commit_among_many_redis() {
+    let Some(store) = redis_store("one_bad_commit_among_many_redis").await else {
+        return;
+    };
+    one_bad_commit_among_many(store.clone()).await;
+    store.delete_all_keys().await.unwrap();
+}

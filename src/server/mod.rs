@@ -30,6 +30,7 @@
 //! ```
 
 pub mod auth;
+pub mod load;
 pub mod error;
 pub mod metrics;
 pub mod openapi;

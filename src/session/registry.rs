@@ -14,14 +14,33 @@ use super::actor::SessionActor;
 use super::validate_session_id;
 use crate::error::Result;
 use crate::runtime::Core;
+use crate::store::Store;
 
 /// Live session actors by id.
 #[derive(Default)]
 pub struct Registry {
     live: DashMap<Arc<str>, Addr<SessionActor>>,
+    /// Told when a session leaves (a leasing store gives its lease back).
+    store: Option<Arc<dyn Store>>,
 }
 
 impl Registry {
+    /// A registry that tells `store` when a session stops being live here
+    /// ([`Store::release`]), so a store that leases sessions to one node at
+    /// a time (Redis) frees them for other nodes at once.
+    pub(crate) fn with_store(store: Arc<dyn Store>) -> Self {
+        Registry {
+            live: DashMap::new(),
+            store: Some(store),
+        }
+    }
+
+    fn left(&self, id: &str) {
+        if let Some(store) = &self.store {
+            store.release(id);
+        }
+    }
+
     /// The live actor of `id`, if any.
     pub fn get(&self, id: &str) -> Option<Addr<SessionActor>> {
         self.live.get(id).map(|a| a.clone())
@@ -53,7 +72,9 @@ impl Registry {
 
     /// Drops `addr` from the registry if it is still the one registered.
     pub fn forget(&self, id: &str, addr: &Addr<SessionActor>) {
-        self.live.remove_if(id, |_, a| a == addr);
+        if self.live.remove_if(id, |_, a| a == addr).is_some() {
+            self.left(id);
+        }
     }
 
     /// Removes `id` if the predicate holds.
@@ -62,7 +83,9 @@ impl Registry {
         id: &str,
         f: impl FnOnce(&Arc<str>, &Addr<SessionActor>) -> bool,
     ) {
-        self.live.remove_if(id, f);
+        if self.live.remove_if(id, f).is_some() {
+            self.left(id);
+        }
     }
 
     /// How many sessions are live.

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+pub use self::redis::{RedisOptions, RedisStore};
 pub use memory::MemoryStore;
 pub use sqlite::{SqliteStore, SyncMode};
 pub use types::*;
@@ -85,6 +86,36 @@ pub enum StoreError {
     /// An injected fault (test doubles).
     #[error("injected store fault: {0}")]
     Injected(String),
+    /// The session is live on another node (it holds the session's lease),
+    /// and this node could not take it over in time: forward the request to
+    /// that node, or try again.
+    #[error("session '{session}' is live on node '{node}'")]
+    OwnedElsewhere {
+        /// The session.
+        session: String,
+        /// The node holding its lease.
+        node: String,
+    },
+    /// This node lost the session's lease (it paused or was cut off longer
+    /// than the lease) and another node took the session over: the write
+    /// was refused, the session must be reloaded.
+    #[error("session '{session}': this node's lease (epoch {epoch}) was taken over (epoch now {current}); the write was refused")]
+    Fenced {
+        /// The session.
+        session: String,
+        /// The epoch this node held.
+        epoch: u64,
+        /// The session's epoch in the store now.
+        current: u64,
+    },
+    /// The store's server cannot be reached (nothing was written).
+    #[error("store at '{url}' is unavailable: {reason}")]
+    Unavailable {
+        /// The server's address.
+        url: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -207,6 +238,19 @@ pub trait Store: Send + Sync + 'static {
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// This node stopped serving `session_id` (its actor passivated): a
+    /// store that leases sessions to one node at a time (Redis) gives the
+    /// lease back so another node can take the session at once. Returns at
+    /// once; the release happens in the background. Default: nothing.
+    fn release(&self, _session_id: &str) {}
+
+    /// Session ids that another node asked this node to hand over (their
+    /// actors should passivate, which releases them). `Some` once, for a
+    /// store that leases sessions; `None` for the others.
+    fn handoff_requests(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
+        None
+    }
 }
 
 #[async_trait]
@@ -252,6 +296,12 @@ impl<T: Store + ?Sized> Store for Arc<T> {
     }
     async fn flush(&self) -> Result<(), StoreError> {
         (**self).flush().await
+    }
+    fn release(&self, session_id: &str) {
+        (**self).release(session_id)
+    }
+    fn handoff_requests(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
+        (**self).handoff_requests()
     }
     async fn get_checkpoint(&self, id: &str) -> Result<Option<CheckpointRecord>, StoreError> {
         (**self).get_checkpoint(id).await
@@ -322,10 +372,18 @@ pub fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
             &config.store.path,
             config.store.sync,
         )?)),
-        StoreBackend::Redis => Err(StoreError::Open {
-            path: config.store.url.clone(),
-            reason: "the redis backend is not built yet".into(),
-        }),
+        // Called from `spawn_blocking` (see `RuntimeBuilder::build`): the
+        // runtime's handle is there, and the connection, its reconnects and
+        // the lease renewal live on that runtime.
+        StoreBackend::Redis => {
+            let handle = tokio::runtime::Handle::try_current().map_err(|_| StoreError::Open {
+                path: config.store.url.clone(),
+                reason: "the redis store must be opened from inside a tokio runtime".into(),
+            })?;
+            let options = self::redis::RedisOptions::from_config(config);
+            let store = handle.block_on(self::redis::RedisStore::open(options))?;
+            Ok(Arc::new(store))
+        }
     }
 }
 

@@ -1,1 +1,1576 @@
-//! The Redis backend. Not built yet.
+//! The Redis backend: session state shared by several `troupe serve` nodes.
+//!
+//! [`RedisStore`] meets the same contract as [`MemoryStore`](super::MemoryStore)
+//! (checked by `tests/store_conformance.rs`) on the async `redis` crate, through
+//! a [`ConnectionManager`] that reconnects by itself. On top of the contract it
+//! adds what several nodes need: a per-session **lease** with a **fencing
+//! epoch**, so one session is live on one node at a time and a node that lost
+//! its lease cannot write, and **expiry** of whole sessions (`sessions.ttl_secs`).
+//!
+//! # Key layout
+//!
+//! `P` is `store.key_prefix` (default `troupe:`). Segment and checkpoint ids are
+//! written in decimal. A session's own keys share the hash tag `{<id>}`.
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `P s:{id}` | hash | the session record: `v` state_version, `j` record JSON, `h` head (`seg.seq`, empty: none), `u` updated_at µs |
+//! | `P s:{id}:segs` | hash | segment id → [`Segment`] JSON, for every segment the session owns |
+//! | `P s:{id}:m:<seg>` | list | the messages of one segment, JSON, index = seq |
+//! | `P s:{id}:cp` | hash | checkpoint id → [`CheckpointRecord`] JSON |
+//! | `P s:{id}:in` | hash | references from *other* sessions into this session's segments: `h:<sid>` (a head), `c:<cp>` (a checkpoint's head), `g:<seg>` (a segment's branch point) → message id; what garbage collection and delete must keep |
+//! | `P s:{id}:lease` | string, `PX` | `<node>#<instance>\|<epoch>`: who holds the session |
+//! | `P s:{id}:epoch` | string | the fencing epoch, `INCR`ed at every new owner |
+//! | `P g:<seg>` | string | `<owner id>\n<parent message id>`: finds a segment from a message id |
+//! | `P c:<cp>` | string | `<session id>\n<head>`: finds a checkpoint from its id |
+//! | `P sessions` | zset | session id scored by updated_at µs (listing, age filter) |
+//! | `P sh:<ns>` | hash | shared state: key → `<version>\n<updated µs>\n<value JSON>` |
+//! | `P shv:<ns>` | hash | last version of deleted shared keys (versions never go back) |
+//! | `P run:<id>` / `P runs` | string / zset | a workflow run's JSON / run ids by created_at |
+//! | `P run:<id>:tasks` | hash | task id → [`TaskResult`] JSON |
+//!
+//! Records are JSON (serde_json, the types' own serde): the record must be
+//! readable by people debugging a fleet with `redis-cli`, and a turn writes
+//! two small messages, where the encoding is not what costs.
+//!
+//! # Atomicity
+//!
+//! Every write that touches more than one key is one Lua script (`EVALSHA`),
+//! which Redis runs atomically: a commit checks the lease and the
+//! `state_version` and validates every message *before* its first write, so a
+//! refused commit changes nothing (the one exception: a commit that finds the
+//! lease free takes it even if it then fails its version check; taking a free
+//! lease is harmless). Shared-state compare-and-set is a script too. Reads of
+//! the message tree (`history`, `load_session`) are scripts so they see one
+//! state. The scripts reach keys they compute (the segment owner lookups), so
+//! the backend targets one Redis server (with replicas/Sentinel), not Redis
+//! Cluster: the hash tags keep a session's own keys in one slot, but `g:`,
+//! `c:`, `sessions` and other sessions' `:in` are elsewhere.
+//!
+//! # Expiry (`sessions.ttl_secs`)
+//!
+//! With a TTL, every commit sets it again (`PEXPIRE`) on every key of the
+//! session: the record, `:segs`, `:cp`, `:in`, `:epoch`, each `:m:<seg>` and
+//! `g:<seg>` of its segments and each `c:<cp>` of its checkpoints — so an
+//! expired session leaves no key behind. The cost is one `PEXPIRE` per
+//! segment and checkpoint per commit. A zset member cannot expire: the
+//! `sessions` index keeps the ids of expired sessions until a listing finds
+//! their record gone and removes them (lazily, on read). References other
+//! sessions hold into an expired one (`:in` of the expired session) vanish
+//! with it; a fork whose history passes through an expired session's
+//! messages loses them too (its own messages stay) — fork long-lived
+//! sessions, or run without TTL.
+//!
+//! # Lease and fencing epoch
+//!
+//! Each store instance has an owner token `<node id>#<random instance>` (the
+//! node id is `server.node_id`, else `<hostname>-<pid>`).
+//!
+//! - **Activation** ([`Store::load_session`]) takes the lease: if it is free,
+//!   `INCR` the epoch and `SET lease <token>|<epoch> PX lease_ms`; if it is
+//!   this instance's, refresh it. The store remembers the epoch it holds.
+//!   If another node holds it, the loader asks that node to hand the session
+//!   over (`PUBLISH P handoff:<token> <id>`; that node's runtime passivates its
+//!   actor, which releases the lease) and polls until the lease is free or
+//!   `lease_wait` passes (then [`StoreError::OwnedElsewhere`]). A dead owner
+//!   answers nothing; its lease expires after at most `lease_ms`.
+//! - **Every write** (commit, trim) runs the lease check in the same script as
+//!   the `state_version` check: the lease must carry this instance's token and
+//!   the epoch it holds; if the lease has expired but the epoch is still the
+//!   one held (nobody took over), it is taken again; otherwise the write is
+//!   refused with [`StoreError::Fenced`] (another owner came after us) or
+//!   [`StoreError::OwnedElsewhere`]. A write for a session this instance never
+//!   activated (creation) takes the lease like an activation.
+//! - **Renewal**: a background task refreshes every held lease each
+//!   `lease_ms / 3`, and every commit refreshes its own. A lease found taken
+//!   is forgotten.
+//! - **Release** ([`Store::release`], called when the actor passivates): the
+//!   lease is deleted if it is still this instance's, with this epoch.
+//!
+//! Timing rule: safety does not depend on clocks. The decision "is this
+//! writer still the owner" is made by Redis, inside the write's script, from
+//! the lease key and the epoch — a node paused past its lease finds its
+//! epoch superseded and is refused, whatever its own clock says. Timing only
+//! decides liveness: a session whose owner died is unavailable for at most
+//! `lease_ms`; renewal every `lease_ms / 3` tolerates two missed renewals
+//! (a stall of up to ~2/3 of the lease) before the lease can lapse. If it
+//! lapses and nobody else took the session, the owner's next write simply
+//! takes it again.
+//!
+//! # Outage
+//!
+//! Connection and response timeouts are short (1 s / 5 s by default) and the
+//! manager retries a connection once: with Redis down an operation fails in
+//! about a second with [`StoreError::Unavailable`] naming the URL, and nothing
+//! is reported written. A write whose answer was lost (the server died after
+//! running it) is reported as failed although it may have applied; the
+//! session actor keeps its old state, its next write meets a `Conflict` and it
+//! reloads — no acknowledged turn is lost and none is duplicated. The manager
+//! reconnects by itself when Redis is back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{AsyncCommands, Script};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::{
+    from_micros, to_micros, CheckpointRecord, Commit, LoadedSession, Message, MessageId, RunRecord,
+    Segment, SegmentId, SegmentInfo, SessionFilter, SessionRecord, SessionSummary, SharedEntry,
+    Store, StoreError, TaskResult,
+};
+use crate::config::Config;
+
+/// How to reach and use a Redis store.
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Prefix of every key (several deployments can share one database).
+    pub key_prefix: String,
+    /// This node's name (shown to other nodes as a session's owner).
+    pub node_id: String,
+    /// How long a lease lasts without renewal.
+    pub lease: Duration,
+    /// How long an activation waits for another node to hand a session over
+    /// (zero: refuse at once with [`StoreError::OwnedElsewhere`]).
+    pub lease_wait: Duration,
+    /// Sessions not written for this long expire with all their keys.
+    pub ttl: Option<Duration>,
+    /// Connecting gives up after this long.
+    pub connect_timeout: Duration,
+    /// A command gives up after this long.
+    pub response_timeout: Duration,
+}
+
+impl RedisOptions {
+    /// Options for `url` with the defaults: prefix `troupe:`, lease 10 s,
+    /// wait up to twice the lease for a hand-over, no TTL.
+    pub fn new(url: impl Into<String>) -> Self {
+        let lease = Duration::from_secs(10);
+        RedisOptions {
+            url: url.into(),
+            key_prefix: "troupe:".into(),
+            node_id: default_node_id(),
+            lease,
+            lease_wait: lease * 2,
+            ttl: None,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// `store.url`, `store.key_prefix`, `store.lease_ms`, `sessions.ttl_secs`
+    /// and `server.node_id` (empty: `<hostname>-<pid>`).
+    pub fn from_config(config: &Config) -> Self {
+        let mut o = RedisOptions::new(config.store.url.clone());
+        o.key_prefix = config.store.key_prefix.clone();
+        o.lease = Duration::from_millis(config.store.lease_ms.max(1));
+        o.lease_wait = o.lease * 2;
+        if config.sessions.ttl_secs > 0 {
+            o.ttl = Some(Duration::from_secs(config.sessions.ttl_secs));
+        }
+        if !config.server.node_id.is_empty() {
+            o.node_id = config.server.node_id.clone();
+        }
+        o
+    }
+}
+
+/// `<hostname>-<pid>`.
+fn default_node_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// The Redis store. Cheap to share behind an `Arc`; see the module docs.
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    client: ::redis::Client,
+    url: String,
+    prefix: String,
+    node: String,
+    /// `<node>#<instance>`: what the lease key holds.
+    token: String,
+    lease_ms: u64,
+    lease_wait: Duration,
+    ttl_ms: u64,
+    /// Sessions whose lease this instance holds, with the epoch.
+    held: DashMap<String, u64>,
+    handoff_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    /// Releases sent but not yet answered (flush waits for them).
+    releasing: AtomicUsize,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let tasks = self.tasks.get_mut().unwrap_or_else(|p| p.into_inner());
+        for t in tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl RedisStore {
+    /// Connects (failing within `connect_timeout` if Redis is not there),
+    /// loads the scripts, and starts lease renewal and the hand-over listener
+    /// on the current tokio runtime.
+    pub async fn open(options: RedisOptions) -> Result<RedisStore, StoreError> {
+        let url = options.url.clone();
+        let open_err = |reason: String| StoreError::Open {
+            path: url.clone(),
+            reason,
+        };
+        let client = ::redis::Client::open(options.url.as_str())
+            .map_err(|e| open_err(format!("not a redis URL: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(Some(options.response_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = tokio::time::timeout(
+            options.connect_timeout * 3,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| open_err("connecting timed out".into()))?
+        .map_err(|e| open_err(format!("cannot connect: {e}")))?;
+        let instance = format!("{:08x}", rand::random::<u32>());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            conn,
+            client,
+            url: options.url.clone(),
+            prefix: options.key_prefix.clone(),
+            token: format!("{}#{instance}", options.node_id),
+            node: options.node_id,
+            lease_ms: options.lease.as_millis().max(1) as u64,
+            lease_wait: options.lease_wait,
+            ttl_ms: options.ttl.map_or(0, |t| t.as_millis().max(1) as u64),
+            held: DashMap::new(),
+            handoff_rx: Mutex::new(Some(rx)),
+            releasing: AtomicUsize::new(0),
+            tasks: Mutex::new(Vec::new()),
+        });
+        // Load the scripts once, so the first EVALSHA of each does not miss.
+        let mut c = inner.conn.clone();
+        for s in all_scripts() {
+            s.prepare_invoke()
+                .load_async(&mut c)
+                .await
+                .map_err(|e| open_err(format!("cannot load scripts: {e}")))?;
+        }
+        let renew = tokio::spawn(renew_leases(Arc::downgrade(&inner)));
+        let listen = tokio::spawn(listen_handoffs(Arc::downgrade(&inner), tx));
+        inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([renew, listen]);
+        Ok(RedisStore { inner })
+    }
+
+    /// This instance's node id.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node
+    }
+
+    /// The epoch of the lease this instance holds on `session_id`, if any.
+    pub fn held_epoch(&self, session_id: &str) -> Option<u64> {
+        self.inner.held.get(session_id).map(|e| *e)
+    }
+
+    /// Every key under this store's prefix (tests and tooling; uses `SCAN`).
+    pub async fn keys(&self) -> Result<Vec<String>, StoreError> {
+        let mut c = self.inner.conn.clone();
+        let pattern = format!("{}*", glob_escape(&self.inner.prefix));
+        let mut it: ::redis::AsyncIter<String> = c
+            .scan_match(&pattern)
+            .await
+            .map_err(|e| self.inner.err(e))?;
+        let mut out = Vec::new();
+        while let Some(k) = it.next().await {
+            out.push(k.map_err(|e| self.inner.err(e))?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes every key under this store's prefix (tests: never `FLUSHDB`
+    /// a shared server). Returns how many were deleted.
+    pub async fn delete_all_keys(&self) -> Result<usize, StoreError> {
+        let keys = self.keys().await?;
+        let mut c = self.inner.conn.clone();
+        for chunk in keys.chunks(500) {
+            let _: () = c.del(chunk).await.map_err(|e| self.inner.err(e))?;
+        }
+        Ok(keys.len())
+    }
+}
+
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+impl Inner {
+    /// A Redis error as a store error: unreachable → `Unavailable` with the URL.
+    fn err(&self, e: ::redis::RedisError) -> StoreError {
+        if e.is_io_error()
+            || e.is_connection_refusal()
+            || e.is_connection_dropped()
+            || e.is_timeout()
+            || e.is_unrecoverable_error()
+        {
+            StoreError::Unavailable {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            }
+        } else {
+            StoreError::Database(format!("redis at '{}': {e}", self.url))
+        }
+    }
+
+    fn session_key(&self, sid: &str) -> String {
+        format!("{}s:{{{sid}}}", self.prefix)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    async fn run(&self, inv: &::redis::ScriptInvocation<'_>) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn();
+        inv.invoke_async(&mut c).await.map_err(|e| self.err(e))
+    }
+
+    fn held_arg(&self, sid: &str) -> u64 {
+        self.held.get(sid).map_or(0, |e| *e)
+    }
+
+    /// Records the epoch a script reported (`"0"`: none).
+    fn note_epoch(&self, sid: &str, epoch: &str) {
+        match epoch.parse::<u64>() {
+            Ok(e) if e > 0 => {
+                self.held.insert(sid.to_string(), e);
+            }
+            _ => {}
+        }
+    }
+
+    /// Turns a refusal from a script's lease check into an error.
+    fn lease_refusal(&self, sid: &str, r: &[String]) -> StoreError {
+        let holder = r.get(2).map(String::as_str).unwrap_or("");
+        match r.first().map(String::as_str) {
+            Some("fenced") => {
+                let held = self.held.remove(sid).map_or(0, |(_, e)| e);
+                StoreError::Fenced {
+                    session: sid.to_string(),
+                    epoch: held,
+                    current: r.get(3).and_then(|s| s.parse().ok()).unwrap_or(0),
+                }
+            }
+            _ => {
+                self.held.remove(sid);
+                StoreError::OwnedElsewhere {
+                    session: sid.to_string(),
+                    node: node_of(holder).to_string(),
+                }
+            }
+        }
+    }
+}
+
+/// The node id in a lease value `<node>#<instance>|<epoch>`.
+fn node_of(lease: &str) -> &str {
+    let token = lease.rsplit_once('|').map_or(lease, |(t, _)| t);
+    token.rsplit_once('#').map_or(token, |(n, _)| n)
+}
+
+/// The owner token in a lease value.
+fn token_of(lease: &str) -> &str {
+    lease.rsplit_once('|').map_or(lease, |(t, _)| t)
+}
+
+fn mid(m: Option<MessageId>) -> String {
+    m.map_or_else(String::new, |m| format!("{}.{}", m.segment, m.seq))
+}
+
+fn parse_mid(s: &str) -> Option<MessageId> {
+    let (seg, seq) = s.split_once('.')?;
+    Some(MessageId {
+        segment: seg.parse().ok()?,
+        seq: seq.parse().ok()?,
+    })
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Database(format!("cannot encode: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn unexpected(what: &str, r: &[String]) -> StoreError {
+    StoreError::Database(format!("redis script '{what}' answered {r:?}"))
+}
+
+/// Background: refreshes every held lease each `lease_ms / 3`.
+async fn renew_leases(weak: Weak<Inner>) {
+    let every = {
+        let Some(inner) = weak.upgrade() else { return };
+        Duration::from_millis((inner.lease_ms / 3).max(1))
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = weak.upgrade() else { return };
+        let held: Vec<(String, u64)> = inner
+            .held
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect();
+        for chunk in held.chunks(200) {
+            let mut inv = RENEW.prepare_invoke();
+            inv.arg(&inner.prefix).arg(&inner.token).arg(inner.lease_ms);
+            for (sid, epoch) in chunk {
+                inv.arg(sid).arg(*epoch);
+            }
+            match inner.run(&inv).await {
+                Ok(kept) => {
+                    for ((sid, epoch), ok) in chunk.iter().zip(kept) {
+                        if ok != "1" {
+                            tracing::warn!(session = %sid, epoch, "lease lost to another node");
+                            inner.held.remove_if(sid, |_, e| e == epoch);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease renewal failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Background: listens on `P handoff:<token>` for sessions other nodes want.
+async fn listen_handoffs(weak: Weak<Inner>, tx: mpsc::UnboundedSender<String>) {
+    loop {
+        let (client, channel) = {
+            let Some(inner) = weak.upgrade() else { return };
+            (
+                inner.client.clone(),
+                format!("{}handoff:{}", inner.prefix, inner.token),
+            )
+        };
+        match client.get_async_pubsub().await {
+            Ok(mut ps) => match ps.subscribe(&channel).await {
+                Ok(()) => {
+                    let mut stream = ps.on_message();
+                    while let Some(msg) = stream.next().await {
+                        if weak.strong_count() == 0 {
+                            return;
+                        }
+                        if let Ok(sid) = msg.get_payload::<String>() {
+                            if tx.send(sid.clone()).is_err() {
+                                // Nobody takes hand-over requests: release directly.
+                                if let Some(inner) = weak.upgrade() {
+                                    release(&inner, &sid);
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "hand-over subscription failed"),
+            },
+            Err(e) => tracing::debug!(error = %e, "hand-over listener cannot connect"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Gives the lease of `sid` back if this instance still holds it.
+fn release(inner: &Arc<Inner>, sid: &str) {
+    let Some((_, epoch)) = inner.held.remove(sid) else {
+        return;
+    };
+    inner.releasing.fetch_add(1, Ordering::SeqCst);
+    let inner = inner.clone();
+    let sid = sid.to_string();
+    let go = async move {
+        let mut c = inner.conn();
+        let r: Result<i64, _> = RELEASE
+            .key(format!("{}:lease", inner.session_key(&sid)))
+            .arg(format!("{}|{epoch}", inner.token))
+            .invoke_async(&mut c)
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(session = %sid, error = %e, "lease release failed (it will expire)");
+        }
+        inner.releasing.fetch_sub(1, Ordering::SeqCst);
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => {
+            h.spawn(go);
+        }
+        Err(_) => {
+            // No runtime here: the lease expires by itself.
+            tracing::debug!("lease release outside a runtime; it will expire");
+        }
+    }
+}
+
+// ---- Lua ----
+
+/// Helpers every script shares. `P` is ARGV[1].
+const PRELUDE: &str = r#"
+local P = ARGV[1]
+local function skey(sid, suffix) return P .. 's:{' .. sid .. '}' .. suffix end
+local function gkey(seg) return P .. 'g:' .. seg end
+local function ckey(cp) return P .. 'c:' .. cp end
+local function split(v)
+  local nl = string.find(v, '\n', 1, true)
+  return string.sub(v, 1, nl - 1), string.sub(v, nl + 1)
+end
+local function seg_of(m)
+  local d = string.find(m, '.', 1, true)
+  return string.sub(m, 1, d - 1), tonumber(string.sub(m, d + 1))
+end
+-- owner session and parent message of a segment (nil if unknown)
+local function owner(seg)
+  local v = redis.call('GET', gkey(seg))
+  if not v then return nil, nil end
+  return split(v)
+end
+-- records in the owner's :in hash that `field` of session `sid` points at message `m`
+local function add_ref(m, sid, field)
+  if m == '' then return end
+  local o = owner((seg_of(m)))
+  if o and o ~= sid then redis.call('HSET', skey(o, ':in'), field, m) end
+end
+local function del_ref(m, sid, field)
+  if m == '' then return end
+  local o = owner((seg_of(m)))
+  if o and o ~= sid then redis.call('HDEL', skey(o, ':in'), field) end
+end
+-- the lease check of every write and activation: returns the epoch held,
+-- or nil and a refusal {'fenced'|'owned', '0', holder, epoch}
+local function lease(sid, token, held, lease_ms)
+  local lk = skey(sid, ':lease')
+  local cur = redis.call('GET', lk)
+  local ep = tonumber(redis.call('GET', skey(sid, ':epoch')) or '0')
+  if held > 0 then
+    if cur == token .. '|' .. held then
+      redis.call('PEXPIRE', lk, lease_ms)
+      return held
+    end
+    if (not cur) and ep == held then
+      redis.call('SET', lk, token .. '|' .. held, 'PX', lease_ms)
+      return held
+    end
+    if cur and string.sub(cur, 1, #token + 1) ~= token .. '|' then
+      return nil, {'fenced', '0', cur, tostring(ep)}
+    end
+    if cur then
+      -- this instance's own newer lease (re-activated meanwhile)
+      redis.call('PEXPIRE', lk, lease_ms)
+      return tonumber(string.sub(cur, #token + 2))
+    end
+    return nil, {'fenced', '0', '', tostring(ep)}
+  end
+  if not cur then
+    local e = redis.call('INCR', skey(sid, ':epoch'))
+    redis.call('SET', lk, token .. '|' .. e, 'PX', lease_ms)
+    return e
+  end
+  if string.sub(cur, 1, #token + 1) == token .. '|' then
+    redis.call('PEXPIRE', lk, lease_ms)
+    return tonumber(string.sub(cur, #token + 2))
+  end
+  return nil, {'owned', '0', cur, tostring(ep)}
+end
+-- the path ending at message (seg, seq), newest first, at most `limit` (-1: all)
+local function walk(seg, seq, limit)
+  local out = {}
+  while seg do
+    local o, parent = owner(seg)
+    if not o then return nil, 'segment ' .. seg .. ' is missing' end
+    local from = 0
+    if limit >= 0 then
+      local left = limit - #out
+      if left <= 0 then break end
+      from = seq + 1 - left
+      if from < 0 then from = 0 end
+    end
+    local msgs = redis.call('LRANGE', skey(o, ':m:' .. seg), from, seq)
+    if #msgs ~= seq - from + 1 then
+      return nil, 'message ' .. seg .. '.' .. seq .. ' is missing'
+    end
+    for i = #msgs, 1, -1 do out[#out + 1] = msgs[i] end
+    if from > 0 or parent == '' then break end
+    seg, seq = seg_of(parent)
+  end
+  return out
+end
+-- sets the TTL of every key of a session
+local function touch(sid, ttl)
+  if ttl <= 0 then return end
+  for _, suffix in ipairs({'', ':segs', ':cp', ':in', ':epoch'}) do
+    redis.call('PEXPIRE', skey(sid, suffix), ttl)
+  end
+  for _, seg in ipairs(redis.call('HKEYS', skey(sid, ':segs'))) do
+    redis.call('PEXPIRE', skey(sid, ':m:' .. seg), ttl)
+    redis.call('PEXPIRE', gkey(seg), ttl)
+  end
+  for _, cp in ipairs(redis.call('HKEYS', skey(sid, ':cp'))) do
+    redis.call('PEXPIRE', ckey(cp), ttl)
+  end
+end
+local function drop_cp(sid, cp)
+  local v = redis.call('GET', ckey(cp))
+  if not v then return end
+  local s, head = split(v)
+  if s ~= sid then return end
+  del_ref(head, sid, 'c:' .. cp)
+  redis.call('DEL', ckey(cp))
+  redis.call('HDEL', skey(sid, ':cp'), cp)
+end
+local function drop_seg(sid, seg)
+  local o, parent = owner(seg)
+  if parent then del_ref(parent, sid, 'g:' .. seg) end
+  local n = redis.call('LLEN', skey(sid, ':m:' .. seg))
+  redis.call('DEL', skey(sid, ':m:' .. seg), gkey(seg))
+  redis.call('HDEL', skey(sid, ':segs'), seg)
+  return n
+end
+"#;
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}\n{body}"))
+}
+
+/// ARGV: P, sid, token, held, lease_ms, ttl_ms, expected ('' none),
+/// new_version, record JSON, head, updated µs, new segment ('' none),
+/// its parent, its JSON, n messages, (seg, seq, JSON)×n, n checkpoints,
+/// (id, head, JSON)×n, n drops, id×n.
+static COMMIT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local sid = ARGV[2]
+local ep, refusal = lease(sid, ARGV[3], tonumber(ARGV[4]), ARGV[5])
+if not ep then return refusal end
+ep = tostring(ep)
+local rk = skey(sid, '')
+local stored = redis.call('HGET', rk, 'v')
+if ARGV[7] == '' then
+  if stored then return {'conflict', ep, stored} end
+elseif stored ~= ARGV[7] then
+  return {'conflict', ep, stored or ''}
+end
+local nseg = ARGV[12]
+if nseg ~= '' and redis.call('EXISTS', gkey(nseg)) == 1 then
+  return {'segment_exists', ep, nseg}
+end
+local nmsg = tonumber(ARGV[15])
+local nexts = {}
+if nseg ~= '' then nexts[nseg] = 0 end
+local i = 16
+for k = 1, nmsg do
+  local seg, seq = ARGV[i], tonumber(ARGV[i + 1])
+  local n = nexts[seg]
+  if n == nil then
+    if owner(seg) ~= sid then return {'foreign', ep, tostring(k)} end
+    n = redis.call('LLEN', skey(sid, ':m:' .. seg))
+  end
+  if seq ~= n then return {'not_at_end', ep, tostring(k), tostring(n)} end
+  nexts[seg] = n + 1
+  i = i + 3
+end
+local ncp = tonumber(ARGV[i])
+local cps_at = i + 1
+local drops_at = cps_at + 3 * ncp
+local ndrop = tonumber(ARGV[drops_at])
+for k = 1, ndrop do drop_cp(sid, ARGV[drops_at + k]) end
+if nseg ~= '' then
+  redis.call('SET', gkey(nseg), sid .. '\n' .. ARGV[13])
+  redis.call('HSET', skey(sid, ':segs'), nseg, ARGV[14])
+  add_ref(ARGV[13], sid, 'g:' .. nseg)
+end
+i = 16
+for k = 1, nmsg do
+  redis.call('RPUSH', skey(sid, ':m:' .. ARGV[i]), ARGV[i + 2])
+  i = i + 3
+end
+i = cps_at
+for k = 1, ncp do
+  local cp, head = ARGV[i], ARGV[i + 1]
+  drop_cp(sid, cp)
+  redis.call('SET', ckey(cp), sid .. '\n' .. head)
+  redis.call('HSET', skey(sid, ':cp'), cp, ARGV[i + 2])
+  add_ref(head, sid, 'c:' .. cp)
+  i = i + 3
+end
+local old = redis.call('HGET', rk, 'h') or ''
+local new = ARGV[10]
+if old ~= new then
+  del_ref(old, sid, 'h:' .. sid)
+  add_ref(new, sid, 'h:' .. sid)
+end
+redis.call('HSET', rk, 'v', ARGV[8], 'j', ARGV[9], 'h', new, 'u', ARGV[11])
+redis.call('ZADD', P .. 'sessions', ARGV[11], sid)
+touch(sid, tonumber(ARGV[6]))
+return {'ok', ep}
+"#,
+    )
+});
+
+/// ARGV: P, sid, token, held, lease_ms, acquire ('1'/'0'), recent.
+/// → {'none'} | refusal | {'ok', epoch, record JSON, can_append, msg…}
+/// (messages newest first) | {'corrupt', '0', why}
+static LOAD: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local sid = ARGV[2]
+local rk = skey(sid, '')
+local rec = redis.call('HMGET', rk, 'j', 'h')
+if not rec[1] then return {'none'} end
+local ep = '0'
+if ARGV[6] == '1' then
+  local e, refusal = lease(sid, ARGV[3], tonumber(ARGV[4]), ARGV[5])
+  if not e then return refusal end
+  ep = tostring(e)
+end
+local head = rec[2] or ''
+local can = '0'
+local out = {'ok', ep, rec[1], can}
+if head ~= '' then
+  local seg, seq = seg_of(head)
+  if owner(seg) == sid and redis.call('LLEN', skey(sid, ':m:' .. seg)) == seq + 1 then
+    out[4] = '1'
+  end
+  local n = tonumber(ARGV[7])
+  if n > 0 then
+    local msgs, why = walk(seg, seq, n)
+    if not msgs then return {'corrupt', '0', why} end
+    for _, m in ipairs(msgs) do out[#out + 1] = m end
+  end
+end
+return out
+"#,
+    )
+});
+
+/// ARGV: P, seg, seq, limit (-1: all) → {'ok', msg…} newest first | {'corrupt', why}
+static HISTORY: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local msgs, why = walk(ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+if not msgs then return {'corrupt', why} end
+local out = {'ok'}
+for _, m in ipairs(msgs) do out[#out + 1] = m end
+return out
+"#,
+    )
+});
+
+/// ARGV: P, sid, cutoff µs ('' none) → {'0'|'1'}
+static DELETE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local sid = ARGV[2]
+local rk = skey(sid, '')
+local u = redis.call('HGET', rk, 'u')
+if not u then return {'0'} end
+if ARGV[3] ~= '' and tonumber(u) >= tonumber(ARGV[3]) then return {'0'} end
+-- keep every own segment another session's history passes through
+local keep = {}
+local any = false
+for _, m in ipairs(redis.call('HVALS', skey(sid, ':in'))) do
+  local seg = (seg_of(m))
+  while seg and not keep[seg] do
+    local o, parent = owner(seg)
+    if o ~= sid then break end
+    keep[seg] = true
+    any = true
+    if parent == '' then break end
+    seg = (seg_of(parent))
+  end
+end
+for _, seg in ipairs(redis.call('HKEYS', skey(sid, ':segs'))) do
+  if not keep[seg] then drop_seg(sid, seg) end
+end
+for _, cp in ipairs(redis.call('HKEYS', skey(sid, ':cp'))) do drop_cp(sid, cp) end
+del_ref(redis.call('HGET', rk, 'h') or '', sid, 'h:' .. sid)
+redis.call('DEL', rk, skey(sid, ':cp'), skey(sid, ':lease'), skey(sid, ':epoch'))
+if not any then redis.call('DEL', skey(sid, ':segs'), skey(sid, ':in')) end
+redis.call('ZREM', P .. 'sessions', sid)
+return {'1'}
+"#,
+    )
+});
+
+/// ARGV: P, sid, token, held, lease_ms, expected, (seg, keep ('' all))…
+static TRIM: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local sid = ARGV[2]
+local stored = redis.call('HGET', skey(sid, ''), 'v')
+if stored ~= ARGV[6] then return {'conflict', '0', stored or ''} end
+local ep, refusal = lease(sid, ARGV[3], tonumber(ARGV[4]), ARGV[5])
+if not ep then return refusal end
+local deleted = 0
+local i = 7
+while i <= #ARGV do
+  local seg, k = ARGV[i], ARGV[i + 1]
+  if owner(seg) == sid then
+    if k == '' then
+      deleted = deleted + drop_seg(sid, seg)
+    else
+      local key = skey(sid, ':m:' .. seg)
+      local n = redis.call('LLEN', key)
+      local keep = tonumber(k) + 1
+      if n > keep then
+        redis.call('LTRIM', key, 0, keep - 1)
+        deleted = deleted + n - keep
+      end
+    end
+  end
+  i = i + 2
+end
+return {'ok', tostring(ep), tostring(deleted)}
+"#,
+    )
+});
+
+/// ARGV: P, sid → message ids other sessions hold in this session's segments
+static EXTERNAL: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local sid = ARGV[2]
+local out = {}
+for _, m in ipairs(redis.call('HVALS', skey(sid, ':in'))) do
+  local seg = (seg_of(m))
+  if owner(seg) == sid then out[#out + 1] = m end
+end
+return out
+"#,
+    )
+});
+
+/// ARGV: P, ns, key, expected ('' none), value JSON ('' delete), now µs
+/// → {'ok', version} | {'mismatch', found}
+static SHARED_PUT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local hk, vk, key = P .. 'sh:' .. ARGV[2], P .. 'shv:' .. ARGV[2], ARGV[3]
+local live = redis.call('HGET', hk, key)
+local lv = nil
+if live then lv = tonumber(string.sub(live, 1, string.find(live, '\n', 1, true) - 1)) end
+local last = lv or tonumber(redis.call('HGET', vk, key) or '0')
+if ARGV[4] ~= '' then
+  local want = tonumber(ARGV[4])
+  local ok
+  if lv then ok = (want == lv) else ok = (want == 0) end
+  if not ok then return {'mismatch', tostring(lv or 0)} end
+end
+local v = last + 1
+if ARGV[5] ~= '' then
+  redis.call('HSET', hk, key, v .. '\n' .. ARGV[6] .. '\n' .. ARGV[5])
+  redis.call('HDEL', vk, key)
+elseif lv then
+  redis.call('HDEL', hk, key)
+  redis.call('HSET', vk, key, v)
+end
+return {'ok', tostring(v)}
+"#,
+    )
+});
+
+/// ARGV: P, token, lease_ms, (sid, epoch)… → '1'/'0' per session
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local out = {}
+local i = 4
+while i <= #ARGV do
+  local lk = skey(ARGV[i], ':lease')
+  if redis.call('GET', lk) == ARGV[2] .. '|' .. ARGV[i + 1] then
+    redis.call('PEXPIRE', lk, ARGV[3])
+    out[#out + 1] = '1'
+  else
+    out[#out + 1] = '0'
+  end
+  i = i + 2
+end
+return out
+"#,
+    )
+});
+
+/// KEYS: the lease; ARGV: its expected value → 1 if deleted.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+    )
+});
+
+fn all_scripts() -> [&'static Script; 9] {
+    [
+        &COMMIT,
+        &LOAD,
+        &HISTORY,
+        &DELETE,
+        &TRIM,
+        &EXTERNAL,
+        &SHARED_PUT,
+        &RENEW,
+        &RELEASE,
+    ]
+}
+
+fn decode_messages(raw: &[String]) -> Result<Vec<Message>, StoreError> {
+    let mut out: Vec<Message> = raw
+        .iter()
+        .map(|m| decode("message", m))
+        .collect::<Result<_, _>>()?;
+    out.reverse();
+    Ok(out)
+}
+
+fn parse_shared(namespace: &str, key: &str, raw: &str) -> Result<SharedEntry, StoreError> {
+    let bad = || StoreError::Corrupt(format!("shared state '{namespace}/{key}' is malformed"));
+    let mut parts = raw.splitn(3, '\n');
+    let version = parts.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let updated = parts.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let value = decode("shared value", parts.next().ok_or_else(bad)?)?;
+    Ok(SharedEntry {
+        namespace: namespace.into(),
+        key: key.into(),
+        value,
+        version,
+        updated_at: from_micros(updated),
+    })
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn load_session(
+        &self,
+        id: &str,
+        recent: usize,
+    ) -> Result<Option<LoadedSession>, StoreError> {
+        let inner = &self.inner;
+        let start = Instant::now();
+        let mut asked: Option<(String, Instant)> = None;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            // An activation always asks for a lease afresh (held = 0): this
+            // instance's own live lease is adopted, a free one is taken with a
+            // new epoch.
+            let mut inv = LOAD.prepare_invoke();
+            inv.arg(&inner.prefix)
+                .arg(id)
+                .arg(&inner.token)
+                .arg(0)
+                .arg(inner.lease_ms)
+                .arg("1")
+                .arg(recent);
+            let r = inner.run(&inv).await?;
+            match r.first().map(String::as_str) {
+                Some("none") => return Ok(None),
+                Some("ok") if r.len() >= 4 => {
+                    inner.note_epoch(id, &r[1]);
+                    let record: SessionRecord = decode("session record", &r[2])?;
+                    return Ok(Some(LoadedSession {
+                        record,
+                        recent: decode_messages(&r[4..])?,
+                        can_append: r[3] == "1",
+                    }));
+                }
+                Some("corrupt") => {
+                    return Err(StoreError::Corrupt(format!(
+                        "session '{id}': {}",
+                        r.get(2).map(String::as_str).unwrap_or("")
+                    )))
+                }
+                Some("owned") | Some("fenced") => {
+                    let holder = r.get(2).cloned().unwrap_or_default();
+                    inner.held.remove(id);
+                    if start.elapsed() >= inner.lease_wait {
+                        return Err(StoreError::OwnedElsewhere {
+                            session: id.to_string(),
+                            node: node_of(&holder).to_string(),
+                        });
+                    }
+                    // Ask the holder to hand the session over (again every
+                    // half lease, in case it restarted its listener).
+                    let ask = match &asked {
+                        Some((h, at)) => {
+                            *h != holder
+                                || at.elapsed() * 2 >= Duration::from_millis(inner.lease_ms)
+                        }
+                        None => true,
+                    };
+                    if ask && !holder.is_empty() {
+                        let channel = format!("{}handoff:{}", inner.prefix, token_of(&holder));
+                        let mut c = inner.conn();
+                        let _: i64 = c.publish(channel, id).await.map_err(|e| inner.err(e))?;
+                        asked = Some((holder, Instant::now()));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(25));
+                }
+                _ => return Err(unexpected("load", &r)),
+            }
+        }
+    }
+
+    async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let sid = commit.record.id.clone();
+        let r = &commit.record;
+        let mut inv = COMMIT.prepare_invoke();
+        inv.arg(&inner.prefix)
+            .arg(&sid)
+            .arg(&inner.token)
+            .arg(inner.held_arg(&sid))
+            .arg(inner.lease_ms)
+            .arg(inner.ttl_ms)
+            .arg(
+                commit
+                    .expected_version
+                    .map_or_else(String::new, |v| v.to_string()),
+            )
+            .arg(r.state_version)
+            .arg(json(r)?)
+            .arg(mid(r.head))
+            .arg(to_micros(r.updated_at));
+        match &commit.new_segment {
+            Some(s) => {
+                inv.arg(s.id).arg(mid(s.parent)).arg(json(s)?);
+            }
+            None => {
+                inv.arg("").arg("").arg("");
+            }
+        }
+        inv.arg(commit.messages.len());
+        for m in &commit.messages {
+            inv.arg(m.id.segment).arg(m.id.seq).arg(json(m)?);
+        }
+        inv.arg(commit.checkpoints.len());
+        for c in &commit.checkpoints {
+            inv.arg(&c.id).arg(mid(c.head)).arg(json(c)?);
+        }
+        inv.arg(commit.drop_checkpoints.len());
+        for d in &commit.drop_checkpoints {
+            inv.arg(d);
+        }
+        let res = inner.run(&inv).await?;
+        let status = res.first().map(String::as_str).unwrap_or("");
+        if let Some(ep) = res.get(1) {
+            if !matches!(status, "owned" | "fenced") {
+                inner.note_epoch(&sid, ep);
+            }
+        }
+        match status {
+            "ok" => Ok(()),
+            "conflict" => Err(StoreError::Conflict {
+                session: sid,
+                expected: commit.expected_version,
+                found: res.get(2).and_then(|v| v.parse().ok()),
+            }),
+            "owned" | "fenced" => Err(inner.lease_refusal(&sid, &res)),
+            "segment_exists" => Err(StoreError::Database(format!(
+                "segment {:x} exists",
+                commit.new_segment.as_ref().map_or(0, |s| s.id)
+            ))),
+            "foreign" | "not_at_end" => {
+                let k: usize = res.get(2).and_then(|v| v.parse().ok()).unwrap_or(1);
+                let m = commit
+                    .messages
+                    .get(k.saturating_sub(1))
+                    .map_or_else(String::new, |m| m.id.to_string());
+                Err(StoreError::Database(if status == "foreign" {
+                    format!("message {m} appends to a segment session '{sid}' does not own")
+                } else {
+                    format!(
+                        "message {m} is not at the end of its segment (next seq is {})",
+                        res.get(3).map(String::as_str).unwrap_or("?")
+                    )
+                }))
+            }
+            _ => Err(unexpected("commit", &res)),
+        }
+    }
+
+    async fn history(
+        &self,
+        head: MessageId,
+        limit: Option<usize>,
+    ) -> Result<Vec<Message>, StoreError> {
+        let inner = &self.inner;
+        let mut inv = HISTORY.prepare_invoke();
+        inv.arg(&inner.prefix)
+            .arg(head.segment)
+            .arg(head.seq)
+            .arg(limit.map_or(-1i64, |l| l.min(i64::MAX as usize) as i64));
+        let r = inner.run(&inv).await?;
+        match r.first().map(String::as_str) {
+            Some("ok") => decode_messages(&r[1..]),
+            Some("corrupt") => Err(StoreError::Corrupt(
+                r.get(1)
+                    .cloned()
+                    .unwrap_or_default()
+                    .replace(&format!("{}.{}", head.segment, head.seq), &head.to_string()),
+            )),
+            _ => Err(unexpected("history", &r)),
+        }
+    }
+
+    async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+    ) -> Result<Vec<SessionSummary>, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn();
+        let index = format!("{}sessions", inner.prefix);
+        let max = filter
+            .updated_before
+            .map_or_else(|| "+inf".to_string(), |t| format!("({}", to_micros(t)));
+        let mut ids: Vec<(String, f64)> = c
+            .zrevrangebyscore_withscores(&index, max, "-inf")
+            .await
+            .map_err(|e| inner.err(e))?;
+        // Newest first; ties by id, as the reference model.
+        ids.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let want = filter.limit.unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        let mut stale = Vec::new();
+        for chunk in ids.chunks(256) {
+            let mut pipe = ::redis::pipe();
+            for (id, _) in chunk {
+                pipe.hget(inner.session_key(id), "j");
+            }
+            let recs: Vec<Option<String>> =
+                pipe.query_async(&mut c).await.map_err(|e| inner.err(e))?;
+            for ((id, _), rec) in chunk.iter().zip(recs) {
+                let Some(rec) = rec else {
+                    stale.push(id.clone());
+                    continue;
+                };
+                let r: SessionRecord = decode("session record", &rec)?;
+                if filter.user_id.is_some() && r.user_id != filter.user_id {
+                    continue;
+                }
+                if filter.updated_before.is_some_and(|t| r.updated_at >= t) {
+                    continue;
+                }
+                out.push(SessionSummary::from(&r));
+            }
+            if out.len() >= want {
+                break;
+            }
+        }
+        if !stale.is_empty() {
+            // Expired sessions: their index entries go lazily, here. A record
+            // that came back meanwhile is scored again by its next commit.
+            let mut pipe = ::redis::pipe();
+            for id in &stale {
+                pipe.cmd("EVAL")
+                    .arg("if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('ZREM', KEYS[2], ARGV[1]) end return 0")
+                    .arg(2)
+                    .arg(inner.session_key(id))
+                    .arg(&index)
+                    .arg(id)
+                    .ignore();
+            }
+            let _: () = pipe.query_async(&mut c).await.map_err(|e| inner.err(e))?;
+        }
+        out.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(a.id.cmp(&b.id)));
+        out.truncate(want);
+        Ok(out)
+    }
+
+    async fn delete_session(
+        &self,
+        id: &str,
+        updated_before: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
+        let inner = &self.inner;
+        let mut inv = DELETE.prepare_invoke();
+        inv.arg(&inner.prefix)
+            .arg(id)
+            .arg(updated_before.map_or_else(String::new, |t| to_micros(t).to_string()));
+        let r = inner.run(&inv).await?;
+        let deleted = r.first().map(String::as_str) == Some("1");
+        if deleted {
+            inner.held.remove(id);
+        }
+        Ok(deleted)
+    }
+
+    async fn list_checkpoints(
+        &self,
+        session_id: &str,
+    ) -> Result<Vec<CheckpointRecord>, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn();
+        let raw: Vec<String> = c
+            .hvals(format!("{}:cp", inner.session_key(session_id)))
+            .await
+            .map_err(|e| inner.err(e))?;
+        let mut out: Vec<CheckpointRecord> = raw
+            .iter()
+            .map(|s| decode("checkpoint", s))
+            .collect::<Result<_, _>>()?;
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    async fn get_checkpoint(&self, id: &str) -> Result<Option<CheckpointRecord>, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn();
+        let at: Option<String> = c
+            .get(format!("{}c:{id}", inner.prefix))
+            .await
+            .map_err(|e| inner.err(e))?;
+        let Some(at) = at else { return Ok(None) };
+        let sid = at.split('\n').next().unwrap_or("");
+        let raw: Option<String> = c
+            .hget(format!("{}:cp", inner.session_key(sid)), id)
+            .await
+            .map_err(|e| inner.err(e))?;
+        raw.map(|s| decode("checkpoint", &s)).transpose()
+    }
+
+    async fn list_segments(&self, session_id: &str) -> Result<Vec<SegmentInfo>, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn();
+        let sk = inner.session_key(session_id);
+        let segs: HashMap<String, String> = c
+            .hgetall(format!("{sk}:segs"))
+            .await
+            .map_err(|e| inner.err(e))?;
+        let segs: Vec<Segment> = segs
+            .values()
+            .map(|s| decode("segment", s))
+            .collect::<Result<_, _>>()?;
+        let mut pipe = ::redis::pipe();
+        for s in &segs {
+            pipe.cmd("LINDEX").arg(format!("{sk}:m:{}", s.id)).arg(-1);
+        }
+        let tips: Vec<Option<String>> = if segs.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut c).await.map_err(|e| inner.err(e))?
+        };
+        let mut out = Vec::with_capacity(segs.len());
+        for (s, tip) in segs.into_iter().zip(tips) {
+            let tip = match tip {
+                Some(t) => {
+                    let m: Message = decode("message", &t)?;
+                    Some((m.id, m.created_at))
+                }
+                None => None,
+            };
+            out.push(SegmentInfo {
+                id: s.id,
+                parent: s.parent,
+                created_at: s.created_at,
+                tip,
+            });
+        }
+        out.sort_by_key(|s| (s.created_at, s.id));
+        Ok(out)
+    }
+
+    async fn external_refs(&self, session_id: &str) -> Result<Vec<MessageId>, StoreError> {
+        let inner = &self.inner;
+        let mut inv = EXTERNAL.prepare_invoke();
+        inv.arg(&inner.prefix).arg(session_id);
+        let raw = inner.run(&inv).await?;
+        let mut out: Vec<MessageId> = raw.iter().filter_map(|m| parse_mid(m)).collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    async fn trim_segments(
+        &self,
+        session_id: &str,
+        expected_version: u64,
+        plan: Vec<(SegmentId, Option<u32>)>,
+    ) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let mut inv = TRIM.prepare_invoke();
+        inv.arg(&inner.prefix)
+            .arg(session_id)
+            .arg(&inner.token)
+            .arg(inner.held_arg(session_id))
+            .arg(inner.lease_ms)
+            .arg(expected_version);
+        for (seg, keep) in &plan {
+            inv.arg(*seg)
+                .arg(keep.map_or_else(String::new, |k| k.to_string()));
+        }
+        let r = inner.run(&inv).await?;
+        match r.first().map(String::as_str) {
+            Some("ok") => {
+                inner.note_epoch(session_id, r.get(1).map(String::as_str).unwrap_or(""));
+                Ok(r.get(2).and_then(|v| v.parse().ok()).unwrap_or(0))
+            }
+            Some("conflict") => Err(StoreError::Conflict {
+                session: session_id.into(),
+                expected: Some(expected_version),
+                found: r.get(2).and_then(|v| v.parse().ok()),
+            }),
+            Some("owned") | Some("fenced") => Err(inner.lease_refusal(session_id, &r)),
+            _ => Err(unexpected("trim", &r)),
+        }
+    }
+
+    async fn shared_get(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<SharedEntry>, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn();
+        let raw: Option<String> = c
+            .hget(format!("{}sh:{namespace}", inner.prefix), key)
+            .await
+            .map_err(|e| inner.err(e))?;
+        raw.map(|r| parse_shared(namespace, key, &r)).transpose()
+    }
+
+    async fn shared_put(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Option<serde_json::Value>,
+        expected_version: Option<u64>,
+    ) -> Result<SharedEntry, StoreError> {
+        let inner = &self.inner;
+        let at = super::now();
+        let mut inv = SHARED_PUT.prepare_invoke();
+        inv.arg(&inner.prefix)
+            .arg(namespace)
+            .arg(key)
+            .arg(expected_version.map_or_else(String::new, |v| v.to_string()))
+            .arg(match &value {
+                Some(v) => json(v)?,
+                None => String::new(),
+            })
+            .arg(to_micros(at));
+        let r = inner.run(&inv).await?;
+        let n = r.get(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        match r.first().map(String::as_str) {
+            Some("ok") => Ok(SharedEntry {
+                namespace: namespace.into(),
+                key: key.into(),
+                value: value.unwrap_or(serde_json::Value::Null),
+                version: n,
+                updated_at: at,
+            }),
+            Some("mismatch") => Err(StoreError::VersionMismatch {
+                namespace: namespace.into(),
+                key: key.into(),
+                expected: expected_version.unwrap_or(0),
+                found: n,
+            }),
+            _ => Err(unexpected("shared_put", &r)),
+        }
+    }
+
+    async fn shared_list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+    ) -> Result<Vec<SharedEntry>, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn();
+        let all: HashMap<String, String> = c
+            .hgetall(format!("{}sh:{namespace}", inner.prefix))
+            .await
+            .map_err(|e| inner.err(e))?;
+        let mut out: Vec<SharedEntry> = all
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| parse_shared(namespace, k, v))
+            .collect::<Result<_, _>>()?;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn();
+        let _: () = ::redis::pipe()
+            .atomic()
+            .set(format!("{}run:{}", inner.prefix, run.id), json(run)?)
+            .ignore()
+            .zadd(
+                format!("{}runs", inner.prefix),
+                &run.id,
+                to_micros(run.created_at),
+            )
+            .ignore()
+            .query_async(&mut c)
+            .await
+            .map_err(|e| inner.err(e))?;
+        Ok(())
+    }
+
+    async fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn();
+        let raw: Option<String> = c
+            .get(format!("{}run:{id}", inner.prefix))
+            .await
+            .map_err(|e| inner.err(e))?;
+        raw.map(|r| decode("run", &r)).transpose()
+    }
+
+    async fn list_runs(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn();
+        let ids: Vec<String> = c
+            .zrange(format!("{}runs", inner.prefix), 0, -1)
+            .await
+            .map_err(|e| inner.err(e))?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{}run:{id}", inner.prefix))
+            .collect();
+        let raw: Vec<Option<String>> = ::redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| inner.err(e))?;
+        let mut out: Vec<RunRecord> = raw
+            .iter()
+            .flatten()
+            .map(|r| decode("run", r))
+            .collect::<Result<_, _>>()?;
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn put_task_result(&self, result: &TaskResult) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn();
+        let _: () = c
+            .hset(
+                format!("{}run:{}:tasks", inner.prefix, result.run_id),
+                &result.task_id,
+                json(result)?,
+            )
+            .await
+            .map_err(|e| inner.err(e))?;
+        Ok(())
+    }
+
+    async fn task_results(&self, run_id: &str) -> Result<Vec<TaskResult>, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn();
+        let raw: Vec<String> = c
+            .hvals(format!("{}run:{run_id}:tasks", inner.prefix))
+            .await
+            .map_err(|e| inner.err(e))?;
+        let mut out: Vec<TaskResult> = raw
+            .iter()
+            .map(|r| decode("task result", r))
+            .collect::<Result<_, _>>()?;
+        out.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        Ok(out)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        // Acknowledged writes are applied in Redis already (durable as far as
+        // the server's own persistence goes); wait briefly for releases.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.inner.releasing.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    fn release(&self, session_id: &str) {
+        release(&self.inner, session_id);
+    }
+
+    fn handoff_requests(&self) -> Option<mpsc::UnboundedReceiver<String>> {
+        self.inner
+            .handoff_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_values_parse() {
+        assert_eq!(node_of("node-a#0a1b2c3d|7"), "node-a");
+        assert_eq!(token_of("node-a#0a1b2c3d|7"), "node-a#0a1b2c3d");
+        assert_eq!(node_of("we#ird#00000000|1"), "we#ird");
+    }
+
+    #[test]
+    fn message_ids_round_trip_in_decimal() {
+        let m = MessageId {
+            segment: i64::MAX,
+            seq: 42,
+        };
+        assert_eq!(parse_mid(&mid(Some(m))), Some(m));
+        assert_eq!(mid(None), "");
+    }
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(glob_escape("t[1]*:"), "t\\[1\\]\\*:");
+    }
+}

@@ -1,0 +1,649 @@
+//! The Redis backend beyond the shared contract: expiry with no orphan keys,
+//! the per-session lease and its fencing epoch, two runtimes handing one
+//! session back and forth, and Redis outages.
+//!
+//! Needs `TROUPE_TEST_REDIS_URL` (`.ci/run` sets redis://127.0.0.1:6379/15):
+//! unset, every test prints why it skips; set but down, they fail. Each test
+//! uses its own random key prefix and deletes its keys at the end.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use troupe::config::{Config, StoreBackend};
+use troupe::store::{
+    new_segment_id, now, CheckpointKind, CheckpointRecord, Commit, Message, MessageId,
+    RedisOptions, RedisStore, Role, Segment, SessionRecord, Store, StoreError,
+};
+use troupe::Runtime;
+
+fn redis_url(test: &str) -> Option<String> {
+    match std::env::var("TROUPE_TEST_REDIS_URL") {
+        Ok(u) => Some(u),
+        Err(_) => {
+            eprintln!(
+                "skipping {test}: set TROUPE_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/15) to run it"
+            );
+            None
+        }
+    }
+}
+
+fn fresh_prefix() -> String {
+    format!("troupe-test:{}:", uuid::Uuid::new_v4())
+}
+
+fn options(url: &str, prefix: &str, node: &str) -> RedisOptions {
+    let mut o = RedisOptions::new(url);
+    o.key_prefix = prefix.to_string();
+    o.node_id = node.to_string();
+    o
+}
+
+async fn open(o: RedisOptions) -> RedisStore {
+    let url = o.url.clone();
+    RedisStore::open(o)
+        .await
+        .unwrap_or_else(|e| panic!("TROUPE_TEST_REDIS_URL={url} is set but unusable: {e}"))
+}
+
+/// Polls `f` every 20 ms until it holds, or fails after `within`.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn message(id: MessageId, parent: Option<MessageId>, role: Role, content: &str) -> Message {
+    Message {
+        id,
+        parent,
+        role,
+        agent: None,
+        content: content.into(),
+        created_at: now(),
+        meta: None,
+    }
+}
+
+/// A writer of one session, as a session actor is.
+struct Writer {
+    record: SessionRecord,
+    segment: Option<i64>,
+    next_seq: u32,
+}
+
+impl Writer {
+    async fn create(store: &dyn Store, id: &str) -> Result<Writer, StoreError> {
+        let mut record = SessionRecord::new(id, Some("u".into()), vec!["assistant".into()]);
+        record.state_version = 1;
+        store
+            .commit(Commit {
+                record: record.clone(),
+                expected_version: None,
+                small_state_changed: true,
+                new_segment: None,
+                messages: vec![],
+                checkpoints: vec![],
+                drop_checkpoints: vec![],
+            })
+            .await?;
+        Ok(Writer {
+            record,
+            segment: None,
+            next_seq: 0,
+        })
+    }
+
+    fn from_loaded(record: SessionRecord) -> Writer {
+        let (segment, next_seq) = match record.head {
+            Some(h) => (Some(h.segment), h.seq + 1),
+            None => (None, 0),
+        };
+        Writer {
+            record,
+            segment,
+            next_seq,
+        }
+    }
+
+    /// A user message and a reply, optionally on a new branch, optionally
+    /// with a checkpoint.
+    async fn turn(
+        &mut self,
+        store: &dyn Store,
+        text: &str,
+        branch: bool,
+        checkpoint: bool,
+    ) -> Result<(), StoreError> {
+        let mut new_segment = None;
+        let (segment, next_seq) = if branch || self.segment.is_none() {
+            let id = new_segment_id();
+            new_segment = Some(Segment {
+                id,
+                session_id: self.record.id.clone(),
+                parent: self.record.head,
+                created_at: now(),
+            });
+            (id, 0)
+        } else {
+            (self.segment.unwrap_or_default(), self.next_seq)
+        };
+        let u = MessageId {
+            segment,
+            seq: next_seq,
+        };
+        let a = MessageId {
+            segment,
+            seq: next_seq + 1,
+        };
+        let mut next = self.record.clone();
+        next.head = Some(a);
+        next.interactions += 1;
+        next.state_version += 1;
+        next.updated_at = now();
+        let checkpoints = if checkpoint {
+            vec![CheckpointRecord {
+                id: uuid::Uuid::new_v4().to_string(),
+                session_id: next.id.clone(),
+                head: next.head,
+                label: Some(text.into()),
+                description: None,
+                kind: CheckpointKind::Manual,
+                state: next.clone(),
+                created_at: now(),
+            }]
+        } else {
+            vec![]
+        };
+        store
+            .commit(Commit {
+                record: next.clone(),
+                expected_version: Some(self.record.state_version),
+                small_state_changed: false,
+                new_segment,
+                messages: vec![
+                    message(u, self.record.head, Role::User, text),
+                    message(a, Some(u), Role::Assistant, &format!("re: {text}")),
+                ],
+                checkpoints,
+                drop_checkpoints: vec![],
+            })
+            .await?;
+        self.record = next;
+        self.segment = Some(segment);
+        self.next_seq = next_seq + 2;
+        Ok(())
+    }
+}
+
+// ---- expiry ----
+
+#[tokio::test]
+async fn expired_sessions_leave_no_key_behind() {
+    let Some(url) = redis_url("expired_sessions_leave_no_key_behind") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let mut o = options(&url, &prefix, "ttl");
+    o.ttl = Some(Duration::from_millis(2000));
+    let store = open(o).await;
+    let s: &dyn Store = &store;
+
+    // A session with branches and checkpoints, and a fork of it (the fork
+    // references the first session's messages).
+    let mut w = Writer::create(s, "short-lived").await.unwrap();
+    w.turn(s, "one", false, true).await.unwrap();
+    w.turn(s, "two", false, false).await.unwrap();
+    w.turn(s, "branch", true, true).await.unwrap();
+    s.shared_put("ns", "k", Some(serde_json::json!(1)), None)
+        .await
+        .unwrap();
+    let before = store.keys().await.unwrap();
+    assert!(
+        before.iter().any(|k| k.contains(":m:")) && before.iter().any(|k| k.contains("c:")),
+        "{before:?}"
+    );
+
+    // Every commit refreshes the expiry: touched twice within the TTL, it lives on.
+    for t in 0..3 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        w.turn(s, &format!("keep-alive {t}"), false, false)
+            .await
+            .unwrap();
+    }
+    let loaded = s.load_session("short-lived", 100).await.unwrap().unwrap();
+    assert_eq!(loaded.record, w.record);
+    assert_eq!(loaded.recent.len(), 12);
+
+    // Untouched, everything of the session goes: SCAN finds only keys that
+    // are not the session's (shared state, and the index until a listing).
+    store.release("short-lived");
+    eventually(
+        "the session's keys to expire",
+        Duration::from_secs(10),
+        || {
+            let store = &store;
+            let prefix = &prefix;
+            async move {
+                let keys = store.keys().await.unwrap();
+                keys.iter()
+                    .all(|k| *k == format!("{prefix}sessions") || *k == format!("{prefix}sh:ns"))
+            }
+        },
+    )
+    .await;
+    assert!(s.load_session("short-lived", 10).await.unwrap().is_none());
+    // The index member cannot expire: the listing drops it lazily.
+    assert!(s
+        .list_sessions(&Default::default())
+        .await
+        .unwrap()
+        .is_empty());
+    let left = store.keys().await.unwrap();
+    assert_eq!(
+        left,
+        vec![format!("{prefix}sh:ns")],
+        "orphan keys: {left:?}"
+    );
+    store.delete_all_keys().await.unwrap();
+}
+
+// ---- lease and fencing ----
+
+#[tokio::test]
+async fn a_stale_writer_with_an_old_epoch_is_refused() {
+    let Some(url) = redis_url("a_stale_writer_with_an_old_epoch_is_refused") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    // Long leases: renewal does not run during the test, so the "pause" is
+    // ours to stage.
+    let mut oa = options(&url, &prefix, "node-a");
+    oa.lease = Duration::from_secs(60);
+    let mut ob = options(&url, &prefix, "node-b");
+    ob.lease = Duration::from_secs(60);
+    ob.lease_wait = Duration::ZERO;
+    let a = open(oa).await;
+    let b = open(ob).await;
+
+    let mut wa = Writer::create(&a, "fenced").await.unwrap();
+    wa.turn(&a, "from a", false, false).await.unwrap();
+    assert_eq!(a.held_epoch("fenced"), Some(1));
+
+    // While A holds the lease, B cannot activate the session.
+    match b.load_session("fenced", 10).await {
+        Err(StoreError::OwnedElsewhere { node, .. }) => assert_eq!(node, "node-a"),
+        other => panic!("expected OwnedElsewhere, got {other:?}"),
+    }
+
+    // A "pauses" past its lease: the lease lapses (deleted here, as expiry would).
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}s:{{fenced}}:lease"))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+
+    // B takes over with a higher epoch and writes a turn.
+    let loaded = b.load_session("fenced", 10).await.unwrap().unwrap();
+    assert_eq!(b.held_epoch("fenced"), Some(2));
+    let mut wb = Writer::from_loaded(loaded.record);
+    wb.turn(&b, "from b", false, false).await.unwrap();
+
+    // A wakes up and writes with its old epoch: refused, nothing changed.
+    let err = wa.turn(&a, "stale", false, false).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Fenced {
+                epoch: 1,
+                current: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Even with the right state_version, the old epoch is refused.
+    let mut forged = Writer::from_loaded(wb.record.clone());
+    let err = forged.turn(&a, "forged", false, false).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::OwnedElsewhere { .. } | StoreError::Fenced { .. }
+        ),
+        "{err}"
+    );
+    let h = b.history(wb.record.head.unwrap(), None).await.unwrap();
+    let texts: Vec<_> = h.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(texts, ["from a", "re: from a", "from b", "re: from b"]);
+    // B's writes go on.
+    wb.turn(&b, "again", false, false).await.unwrap();
+    a.delete_all_keys().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_node_at_a_time_and_the_epoch_grows_with_each_owner() {
+    let Some(url) = redis_url("one_node_at_a_time_and_the_epoch_grows_with_each_owner") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let lease = Duration::from_millis(1500);
+    let node = |name: &str, wait: Duration| {
+        let mut o = options(&url, &prefix, name);
+        o.lease = lease;
+        o.lease_wait = wait;
+        o
+    };
+    let a = open(node("node-a", Duration::ZERO)).await;
+    let b = open(node("node-b", Duration::ZERO)).await;
+    let mut wa = Writer::create(&a, "s1").await.unwrap();
+    wa.turn(&a, "a1", false, false).await.unwrap();
+    let e1 = a.held_epoch("s1").unwrap();
+
+    // Renewal keeps A's lease alive well past lease_ms: B is refused throughout.
+    for _ in 0..3 {
+        tokio::time::sleep(lease / 2).await;
+        assert!(matches!(
+            b.load_session("s1", 10).await,
+            Err(StoreError::OwnedElsewhere { .. })
+        ));
+    }
+    // A releases (its actor passivated): B gets it at once, with a higher epoch.
+    a.release("s1");
+    eventually("B to take the lease", Duration::from_secs(2), || async {
+        b.load_session("s1", 10).await.is_ok()
+    })
+    .await;
+    let e2 = b.held_epoch("s1").unwrap();
+    assert!(e2 > e1, "{e2} > {e1}");
+    // A's later commit is refused, whatever its state.
+    let fresh = b.load_session("s1", 10).await.unwrap().unwrap();
+    let mut wa2 = Writer::from_loaded(fresh.record.clone());
+    assert!(matches!(
+        wa2.turn(&a, "a-late", false, false).await,
+        Err(StoreError::OwnedElsewhere { .. } | StoreError::Fenced { .. })
+    ));
+    let mut wb = Writer::from_loaded(fresh.record);
+    wb.turn(&b, "b1", false, false).await.unwrap();
+
+    // B dies without releasing: after the lease runs out, a third node
+    // (waiting for it) takes over with a higher epoch and every acknowledged turn.
+    drop(b);
+    let c = open(node("node-c", lease * 4)).await;
+    let started = Instant::now();
+    let loaded = c.load_session("s1", 10).await.unwrap().unwrap();
+    assert!(started.elapsed() < lease * 3, "{:?}", started.elapsed());
+    let e3 = c.held_epoch("s1").unwrap();
+    assert!(e3 > e2);
+    assert_eq!(loaded.record, wb.record);
+    let texts: Vec<_> = loaded.recent.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(texts, ["a1", "re: a1", "b1", "re: b1"]);
+    c.delete_all_keys().await.unwrap();
+}
+
+// ---- two runtimes, one session ----
+
+fn redis_config(url: &str, prefix: &str, node: &str) -> Config {
+    let mut c = Config::default();
+    c.store.backend = StoreBackend::Redis;
+    c.store.url = url.into();
+    c.store.key_prefix = prefix.into();
+    c.store.lease_ms = 5_000;
+    c.server.node_id = node.into();
+    c.agents.dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("agents");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_runtimes_alternate_500_turns_on_one_session() {
+    let Some(url) = redis_url("two_runtimes_alternate_500_turns_on_one_session") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let a = Runtime::builder()
+        .config(redis_config(&url, &prefix, "a"))
+        .build()
+        .await
+        .unwrap();
+    let b = Runtime::builder()
+        .config(redis_config(&url, &prefix, "b"))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(a.store().name(), "redis");
+    let sa = a.session("shared-conversation").open().await.unwrap();
+    let sb = b.session("shared-conversation").open().await.unwrap();
+    for i in 0..500 {
+        let s = if i % 2 == 0 { &sa } else { &sb };
+        s.chat(format!("turn {i}"))
+            .await
+            .unwrap_or_else(|e| panic!("turn {i}: {e}"));
+    }
+    // Read through either node: one conversation, in order.
+    let history = sa.history().await.unwrap();
+    assert_eq!(history.len(), 1000);
+    for (i, pair) in history.chunks(2).enumerate() {
+        assert_eq!(pair[0].role, Role::User, "message {}", 2 * i);
+        assert_eq!(pair[0].content, format!("turn {i}"));
+        assert_eq!(pair[1].role, Role::Assistant, "message {}", 2 * i + 1);
+        assert_eq!(pair[1].parent, Some(pair[0].id));
+    }
+    let again = sb.history().await.unwrap();
+    assert_eq!(again, history);
+    // Each turn ran on the node that held the lease: the session changed
+    // owner at every turn, each new owner with a higher epoch.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let epoch: u64 = redis::cmd("GET")
+        .arg(format!("{prefix}s:{{shared-conversation}}:epoch"))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(epoch >= 500, "epoch {epoch}");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    let store = open(options(&url, &prefix, "cleanup")).await;
+    store.delete_all_keys().await.unwrap();
+}
+
+// ---- outage ----
+
+#[tokio::test]
+async fn a_store_pointed_at_a_closed_port_fails_fast_and_names_it() {
+    // Needs no Redis at all.
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let started = Instant::now();
+    let err = RedisStore::open(RedisOptions::new(url.clone()))
+        .await
+        .err()
+        .expect("nothing listens there");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let text = err.to_string();
+    assert!(text.contains(&url), "{text}");
+    // The same through the runtime's configuration.
+    let mut c = Config::default();
+    c.store.backend = StoreBackend::Redis;
+    c.store.url = url.clone();
+    let err = Runtime::builder().config(c).build().await.unwrap_err();
+    assert!(err.to_string().contains(&url), "{err}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(1)
+}
+
+/// A private redis-server (append-only file, fsync always) on `port`.
+fn start_redis(port: u16, dir: &Path) -> Child {
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "private redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[tokio::test]
+async fn redis_down_fails_fast_and_the_store_recovers_with_every_acknowledged_turn() {
+    if redis_url("redis_down_fails_fast_and_the_store_recovers_with_every_acknowledged_turn")
+        .is_none()
+    {
+        return;
+    }
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!(
+            "TROUPE_TEST_REDIS_URL is set but redis-server is not installed for the outage test"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = start_redis(port, dir.path());
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let store = open(options(&url, "outage:", "node-a")).await;
+    let s: &dyn Store = &store;
+    let mut w = Writer::create(s, "steady").await.unwrap();
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let t = format!("before {i}");
+        w.turn(s, &t, false, false).await.unwrap();
+        acked.push(t);
+    }
+
+    // Down: every operation fails fast, with the URL, and nothing is acknowledged.
+    server.kill().unwrap();
+    server.wait().unwrap();
+    for i in 0..3 {
+        let started = Instant::now();
+        let err = w
+            .turn(s, &format!("lost {i}"), false, false)
+            .await
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(err, StoreError::Unavailable { ref url, .. } if url.contains(&port.to_string())),
+            "{err}"
+        );
+        let err = s.load_session("steady", 1).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
+    }
+
+    // Back (from its append-only file): the same store works again by itself.
+    let mut server = start_redis(port, dir.path());
+    eventually(
+        "the store to reconnect",
+        Duration::from_secs(10),
+        || async { s.load_session("steady", 1).await.is_ok() },
+    )
+    .await;
+    for i in 0..5 {
+        let t = format!("after {i}");
+        w.turn(s, &t, false, false).await.unwrap();
+        acked.push(t);
+    }
+    let loaded = s.load_session("steady", 1000).await.unwrap().unwrap();
+    assert_eq!(loaded.record, w.record);
+    let users: Vec<String> = loaded
+        .recent
+        .iter()
+        .filter(|m| m.role == Role::User)
+        .map(|m| m.content.clone())
+        .collect();
+    assert_eq!(users, acked);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_on_a_dead_redis_answers_turns_with_a_clear_error() {
+    if redis_url("a_runtime_on_a_dead_redis_answers_turns_with_a_clear_error").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = start_redis(port, dir.path());
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let rt = Runtime::builder()
+        .config(redis_config(&url, "rt-outage:", "a"))
+        .build()
+        .await
+        .unwrap();
+    let s = rt.session("s").open().await.unwrap();
+    s.chat("saved").await.unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let started = Instant::now();
+    let err = s.chat("not saved").await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(err.to_string().contains(&url), "{err}");
+    let mut server = start_redis(port, dir.path());
+    // The node recovers by itself; the failed turn is not there, the saved one is.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match s.chat("after").await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no recovery: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let texts: Vec<String> = s
+        .history()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.role == Role::User)
+        .map(|m| m.content)
+        .collect();
+    assert_eq!(texts, ["saved", "after"]);
+    drop(rt);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[allow(dead_code)]
+fn _assert_store_is_shareable(s: RedisStore) -> Arc<dyn Store> {
+    Arc::new(s)
+}
