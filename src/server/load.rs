@@ -231,9 +231,17 @@ pub async fn w5(
         create_sessions(&base, &prefix, sessions, connections, None)
             .await
             .map_err(bench_err)?;
-        run_load(&base, &prefix, sessions, connections, warmup, duration, None)
-            .await
-            .map_err(bench_err)
+        run_load(
+            &base,
+            &prefix,
+            sessions,
+            connections,
+            warmup,
+            duration,
+            None,
+        )
+        .await
+        .map_err(bench_err)
     }
     .await;
     server.stop().await?;

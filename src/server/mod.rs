@@ -30,8 +30,8 @@
 //! ```
 
 pub mod auth;
-pub mod load;
 pub mod error;
+pub mod load;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
