@@ -12,6 +12,8 @@
 //! - `cold-open` (W2): open a 2,000-message session in a fresh runtime and
 //!   read its history;
 //! - `idle-memory`: resident memory of 100,000 live idle sessions.
+//! - `memory`: long-term memory search over 100,000 memories of one user
+//!   (SQLite FTS5, BM25), and the cost long-term memory adds to a turn.
 //!
 //! This machine is shared and noisy: read medians, compare ratios.
 
@@ -50,6 +52,9 @@ pub enum Scenario {
     Checkpoints,
     /// A 10,000-task DAG pipeline on the echo model (W6).
     Workflow,
+    /// Long-term memory: search over 100,000 memories of one user; the
+    /// extra cost of memory in a turn.
+    Memory,
 }
 
 /// Options of `troupe bench`.
@@ -222,6 +227,25 @@ pub struct WorkflowBench {
     pub per_task_us: f64,
 }
 
+/// Long-term memory.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MemoryBench {
+    /// Memories of the one user searched.
+    pub memories: usize,
+    /// Seconds to store them (each through `memory_put`, group-committed).
+    pub load_secs: f64,
+    /// `memory_search` (FTS5 BM25, top 5) of a three-word query.
+    pub search: Latency,
+    /// `memory_recall` (search + fill with the best-scoring): what a turn does.
+    pub recall: Latency,
+    /// A turn of a session with a user and long-term memory off (`sync = "normal"`).
+    pub turn_without: Latency,
+    /// The same with long-term memory on over those 100,000 memories.
+    pub turn_with: Latency,
+    /// `turn_with.p50 - turn_without.p50`, microseconds.
+    pub extra_p50_us: f64,
+}
+
 /// Everything measured.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct BenchReport {
@@ -239,6 +263,8 @@ pub struct BenchReport {
     pub checkpoints: Option<Checkpoints>,
     /// W6.
     pub workflow: Option<WorkflowBench>,
+    /// Long-term memory.
+    pub memory: Option<MemoryBench>,
 }
 
 struct Workdir {
@@ -313,6 +339,9 @@ pub async fn run(config: Config, opts: &BenchOptions) -> Result<BenchReport> {
     }
     if wants(Scenario::Workflow) {
         report.workflow = Some(workflow(&config, &work.path).await?);
+    }
+    if wants(Scenario::Memory) {
+        report.memory = Some(memory_bench(&config, &work.path, opts.samples).await?);
     }
     if wants(Scenario::IdleMemory) {
         report.idle_memory = Some(idle_memory(&config, &work.path, opts.idle_sessions).await?);
@@ -627,6 +656,159 @@ async fn workflow(config: &Config, dir: &Path) -> Result<WorkflowBench> {
     })
 }
 
+/// A deterministic vocabulary of `n` made-up words (two or three syllables).
+fn vocabulary(n: usize) -> Vec<String> {
+    const SYL: [&str; 24] = [
+        "ka", "lo", "mi", "ter", "sun", "bra", "vel", "dor", "pi", "qua", "ran", "sol", "tem",
+        "ul", "ve", "wen", "xo", "yar", "zel", "mon", "fi", "gus", "hal", "jo",
+    ];
+    (0..n)
+        .map(|i| {
+            let (a, b, c) = (i % 24, (i / 24) % 24, (i / 576) % 24);
+            format!("{}{}{}", SYL[a], SYL[b], if i >= 576 { SYL[c] } else { "" })
+        })
+        .collect()
+}
+
+/// A small deterministic generator (xorshift), so runs compare.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+async fn memory_bench(config: &Config, dir: &Path, samples: usize) -> Result<MemoryBench> {
+    const N: usize = 100_000;
+    const USER: &str = "bench-user";
+    let mut c = config.clone();
+    c.checkpoint.every = 0;
+    c.memory.max_memories = 2 * N;
+    let rt = runtime(&c, &dir.join("memory.db"), SyncMode::Normal).await?;
+    let store = rt.store();
+    let words = vocabulary(1000);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    // 100,000 memories of one user, 5 words each from 1,000: each word is in
+    // about 500 memories.
+    let t = Instant::now();
+    let mut pending = Vec::new();
+    for i in 0..N {
+        let text: Vec<&str> = (0..5)
+            .map(|_| words[rng.next(words.len())].as_str())
+            .collect();
+        let item = crate::memory::MemoryItem {
+            id: format!("bench-{i}"),
+            user_id: USER.into(),
+            content: format!(
+                "User mentioned {} and {}",
+                text[..3].join(" "),
+                text[3..].join(" ")
+            ),
+            kind: crate::memory::MemoryKind::Note,
+            subject: None,
+            relevance: 0.5,
+            importance: (i % 100) as f64 / 100.0,
+            score: 0.5 + (i % 100) as f64 / 200.0,
+            created_at: crate::store::now(),
+            last_used: None,
+            uses: 0,
+            superseded_by: None,
+            session_id: None,
+        };
+        let store = store.clone();
+        pending.push(tokio::spawn(
+            async move { store.memory_put(&item, 2 * N).await },
+        ));
+        if pending.len() >= 512 {
+            for p in pending.drain(..) {
+                p.await
+                    .map_err(|e| Error::Runtime(format!("bench task failed: {e}")))??;
+            }
+        }
+    }
+    for p in pending {
+        p.await
+            .map_err(|e| Error::Runtime(format!("bench task failed: {e}")))??;
+    }
+    let load_secs = t.elapsed().as_secs_f64();
+    let query = |rng: &mut Rng| {
+        format!(
+            "What about {} and the {} {}?",
+            words[rng.next(words.len())],
+            words[rng.next(words.len())],
+            words[rng.next(words.len())]
+        )
+    };
+    let n = samples.clamp(100, 5000);
+    for _ in 0..50 {
+        store.memory_search(USER, &query(&mut rng), 5).await?; // warm-up
+    }
+    let mut search = Vec::with_capacity(n);
+    let mut found = 0usize;
+    for _ in 0..n {
+        let q = query(&mut rng);
+        let t = Instant::now();
+        found += store.memory_search(USER, &q, 5).await?.len();
+        search.push(t.elapsed());
+    }
+    if found == 0 {
+        return Err(Error::Runtime(
+            "memory bench: no search found anything".into(),
+        ));
+    }
+    let mut recall = Vec::with_capacity(n);
+    for _ in 0..n {
+        let q = query(&mut rng);
+        let t = Instant::now();
+        store.memory_recall(USER, &q, 5).await?;
+        recall.push(t.elapsed());
+    }
+    // Turns: the same user, long-term memory off and on, interleaved.
+    let off = rt
+        .session("memory-off")
+        .user(USER)
+        .persist_memory(false)
+        .open()
+        .await?;
+    let on = rt
+        .session("memory-on")
+        .user(USER)
+        .persist_memory(true)
+        .open()
+        .await?;
+    let turns = n.min(2000);
+    let (mut without, mut with) = (Vec::with_capacity(turns), Vec::with_capacity(turns));
+    for i in 0..turns + 100 {
+        // Questions: nothing for the extractor to learn, words to recall by.
+        let q = query(&mut rng);
+        let t = Instant::now();
+        off.chat(q.clone()).await?;
+        let a = t.elapsed();
+        let t = Instant::now();
+        on.chat(q).await?;
+        let b = t.elapsed();
+        if i >= 100 {
+            without.push(a);
+            with.push(b);
+        }
+    }
+    rt.shutdown().await?;
+    let (turn_without, turn_with) = (Latency::from(without), Latency::from(with));
+    Ok(MemoryBench {
+        memories: N,
+        load_secs,
+        search: Latency::from(search),
+        recall: Latency::from(recall),
+        extra_p50_us: turn_with.p50_us - turn_without.p50_us,
+        turn_without,
+        turn_with,
+    })
+}
+
 fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
@@ -715,6 +897,17 @@ pub fn print(report: &BenchReport) {
             "workflow (W6): {} tasks in {:.2} s on the echo model ({:.0} µs per task: scheduling, prompts, durable results)",
             w.tasks, w.wall_secs, w.per_task_us
         );
+    }
+    if let Some(m) = &report.memory {
+        println!(
+            "long-term memory: {} memories of one user stored in {:.1} s (SQLite, FTS5)",
+            m.memories, m.load_secs
+        );
+        println!("  search (BM25, top 5): {}", show(&m.search));
+        println!("  recall (search + best-scoring fill): {}", show(&m.recall));
+        println!("  turn, memory off: {}", show(&m.turn_without));
+        println!("  turn, memory on:  {}", show(&m.turn_with));
+        println!("  extra per turn (p50): {:.1} µs", m.extra_p50_us);
     }
     if let Some(m) = &report.idle_memory {
         println!(

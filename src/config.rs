@@ -183,11 +183,35 @@ impl Default for SessionsConfig {
 pub struct MemoryConfig {
     /// Turns of recent history sent to the model.
     pub window: usize,
+    /// A token budget for the whole prompt (estimated: ceil(chars / 4) + 4
+    /// per message); the oldest history messages are left out until it
+    /// fits. 0 = no budget (only `window` applies).
+    pub max_context_tokens: usize,
+    /// Long-term memory for sessions that have a user: recall memories into
+    /// every prompt and learn new ones from what the user says. An agent's
+    /// own `Memory` or `persist_memory(..)` on a session overrides it.
+    pub long_term: bool,
+    /// Learn memories from what the user says (the rule-based extractor).
+    pub extract: bool,
+    /// Candidate memories with a quality score below this are not stored (0 to 1).
+    pub quality_threshold: f64,
+    /// Most memories kept per user; past it the lowest-scoring are evicted.
+    pub max_memories: usize,
+    /// Memories put into each prompt (best text matches, then best scores).
+    pub retrieve: usize,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig { window: 20 }
+        MemoryConfig {
+            window: 20,
+            max_context_tokens: 0,
+            long_term: true,
+            extract: true,
+            quality_threshold: 0.5,
+            max_memories: 1000,
+            retrieve: 5,
+        }
     }
 }
 
@@ -411,6 +435,17 @@ impl Config {
         }
         if self.memory.window == 0 {
             return invalid("memory.window", "0".into(), "must be at least 1");
+        }
+        let t = self.memory.quality_threshold;
+        if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
+            return invalid(
+                "memory.quality_threshold",
+                t.to_string(),
+                "must be between 0 and 1",
+            );
+        }
+        if self.memory.max_memories == 0 {
+            return invalid("memory.max_memories", "0".into(), "must be at least 1");
         }
         if self.model.timeout_secs == 0 {
             return invalid("model.timeout_secs", "0".into(), "must be at least 1");

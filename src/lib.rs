@@ -55,10 +55,12 @@ pub mod test_utils;
 pub use agent::{Agent, AgentSpec};
 pub use config::Config;
 pub use error::{Error, Result};
+pub use memory::{recency, Memory, MemoryItem, MemoryKind, MemoryProvider, QualityScorer};
 pub use model::{ChatModel, EchoModel};
 pub use runtime::{Runtime, RuntimeBuilder};
 pub use session::{
-    ChatReply, NewMessage, Session, SessionBuilder, SessionMetadata, StateChange, StreamEvent,
+    ChatReply, NewMessage, Session, SessionAnalytics, SessionBuilder, SessionContext,
+    SessionMetadata, StateChange, StreamEvent,
 };
 pub use state::SharedState;
 pub use store::{JsonMap, Message, MessageId, Role, SessionFilter, SessionRecord, Store};

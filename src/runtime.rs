@@ -32,6 +32,8 @@ pub struct AgentBinding {
     pub metrics: Arc<AgentMetrics>,
     pub(crate) temperature: Option<f32>,
     pub(crate) max_tokens: Option<u32>,
+    /// The agent's long-term memory policy, if it has its own.
+    pub(crate) memory: Option<crate::memory::Memory>,
     addrs: Vec<Addr<AgentActor>>,
 }
 
@@ -53,6 +55,8 @@ pub struct Core {
     catalog: DashMap<String, AgentSpec>,
     bound: DashMap<String, Arc<AgentBinding>>,
     shared: DashMap<String, actix::Addr<crate::state::SharedStateActor>>,
+    /// The long-term memory policy of agents without their own.
+    pub(crate) memory: crate::memory::Memory,
 }
 
 impl Core {
@@ -63,7 +67,15 @@ impl Core {
                 (Some(a), b) => Arc::ptr_eq(a, b),
                 (None, _) => true,
             };
-            if (Arc::ptr_eq(&b.spec, &agent.spec) || *b.spec == *agent.spec) && same_model {
+            let same_memory = match (&agent.memory, &b.memory) {
+                (Some(a), Some(b)) => a.ptr_eq(b),
+                (None, None) => true,
+                _ => false,
+            };
+            if (Arc::ptr_eq(&b.spec, &agent.spec) || *b.spec == *agent.spec)
+                && same_model
+                && same_memory
+            {
                 return Ok(b.clone());
             }
         }
@@ -88,6 +100,7 @@ impl Core {
             metrics,
             temperature: resolved.temperature,
             max_tokens: resolved.max_tokens,
+            memory: agent.memory.clone(),
             addrs,
         });
         self.bound.insert(agent.name().to_string(), binding.clone());
@@ -192,9 +205,17 @@ pub struct RuntimeBuilder {
     store: Option<Arc<dyn Store>>,
     model: Option<Arc<dyn ChatModel>>,
     agents: Vec<AgentSpec>,
+    memory: Option<crate::memory::Memory>,
 }
 
 impl RuntimeBuilder {
+    /// The long-term memory policy (scorer, thresholds) of agents that have
+    /// none of their own, and of [`Runtime::memories`]. Default: `[memory]`.
+    pub fn memory(mut self, memory: crate::memory::Memory) -> Self {
+        self.memory = Some(memory);
+        self
+    }
+
     /// Uses this configuration (default: built-in defaults).
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
@@ -238,6 +259,7 @@ impl RuntimeBuilder {
             store,
             model,
             agents,
+            memory,
         } = self;
         config.validate()?;
         // Opening SQLite (and migrating) blocks: keep it off async threads.
@@ -280,6 +302,7 @@ impl RuntimeBuilder {
             catalog,
             bound: DashMap::new(),
             shared: DashMap::new(),
+            memory: memory.unwrap_or_default(),
         });
         let rt = Runtime {
             inner: Arc::new(Inner {
@@ -328,6 +351,7 @@ impl Runtime {
             store: None,
             model: None,
             agents: Vec::new(),
+            memory: None,
         }
     }
 
@@ -391,6 +415,7 @@ impl Runtime {
             return Ok(Agent {
                 spec: b.spec.clone(),
                 model: None,
+                memory: None,
             });
         }
         core.catalog

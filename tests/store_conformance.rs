@@ -583,3 +583,264 @@ async fn one_bad_commit_among_many_redis() {
     one_bad_commit_among_many(store.clone()).await;
     store.delete_all_keys().await.unwrap();
 }
+
+// ---- long-term memory (issue 4) ----
+
+fn memory_item(
+    user: &str,
+    content: &str,
+    subject: Option<&str>,
+    score: f64,
+) -> troupe::store::MemoryItem {
+    troupe::store::MemoryItem {
+        id: uuid::Uuid::new_v4().to_string(),
+        user_id: user.into(),
+        content: content.into(),
+        kind: troupe::store::MemoryKind::Preference,
+        subject: subject.map(str::to_string),
+        relevance: 0.5,
+        importance: 0.5,
+        score,
+        created_at: troupe_now(),
+        last_used: None,
+        uses: 0,
+        superseded_by: None,
+        session_id: Some("s-1".into()),
+    }
+}
+
+/// The memory part of the store contract: per-user scoping, full-text
+/// search of active memories, supersede, duplicates, eviction order,
+/// usage marks, user records, forgetting.
+async fn memory_contract(store: Arc<dyn Store>) {
+    let s = store.as_ref();
+    assert!(s.memory_list("alice", true).await.unwrap().is_empty());
+    assert!(s.user_get("alice").await.unwrap().is_none());
+
+    let blue = memory_item(
+        "alice",
+        "User's favourite colour is blue",
+        Some("favourite colour"),
+        0.8,
+    );
+    let w = s.memory_put(&blue, 100).await.unwrap();
+    assert_eq!(w, troupe::store::MemoryWrite::default());
+    let python = memory_item(
+        "alice",
+        "User prefers Python over JavaScript",
+        Some("preference: language"),
+        0.9,
+    );
+    s.memory_put(&python, 100).await.unwrap();
+    // Another user with the same words: never visible to alice.
+    let bob = memory_item(
+        "bob",
+        "User prefers Python over Perl",
+        Some("preference: language"),
+        0.9,
+    );
+    s.memory_put(&bob, 100).await.unwrap();
+
+    // Read back exactly.
+    let listed = s.memory_list("alice", false).await.unwrap();
+    assert_eq!(listed, vec![blue.clone(), python.clone()]);
+
+    // Search: any query word, only this user's, nothing for stop words.
+    let hits = s
+        .memory_search("alice", "Do I like python?", 10)
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!(hits[0].item, python);
+    assert!(s
+        .memory_search("alice", "perl", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.memory_search("bob", "perl", 10).await.unwrap()[0].item,
+        bob
+    );
+    assert!(s
+        .memory_search("alice", "what is it", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .memory_search("carol", "python", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let two = s.memory_search("alice", "blue python", 10).await.unwrap();
+    assert_eq!(two.len(), 2);
+    assert_eq!(
+        s.memory_search("alice", "blue python", 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Top: by score, then newest.
+    let top = s.memory_top("alice", 1).await.unwrap();
+    assert_eq!(top, vec![python.clone()]);
+    // Recall: the hits first, then the best to fill up, no repeats.
+    let recall = s.memory_recall("alice", "blue", 5).await.unwrap();
+    assert_eq!(recall, vec![blue.clone(), python.clone()]);
+
+    // A duplicate of an active memory with the same subject writes nothing.
+    let again = memory_item(
+        "alice",
+        "user's favourite colour is BLUE",
+        Some("favourite colour"),
+        0.8,
+    );
+    let w = s.memory_put(&again, 100).await.unwrap();
+    assert_eq!(w.duplicate_of.as_deref(), Some(blue.id.as_str()));
+    assert_eq!(s.memory_list("alice", true).await.unwrap().len(), 2);
+
+    // Supersede: same kind and subject; the old one stays as history only.
+    let rust = memory_item(
+        "alice",
+        "User prefers Rust",
+        Some("preference: language"),
+        0.9,
+    );
+    let w = s.memory_put(&rust, 100).await.unwrap();
+    assert_eq!(w.superseded, vec![python.id.clone()]);
+    assert!(w.evicted.is_empty());
+    let active: Vec<String> = s
+        .memory_list("alice", false)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(active, vec![blue.id.clone(), rust.id.clone()]);
+    let all = s.memory_list("alice", true).await.unwrap();
+    let old = all
+        .iter()
+        .find(|m| m.id == python.id)
+        .expect("kept as history");
+    assert_eq!(old.superseded_by.as_deref(), Some(rust.id.as_str()));
+    assert!(s
+        .memory_search("alice", "python javascript", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.memory_search("alice", "rust", 10).await.unwrap()[0].item,
+        rust
+    );
+    // Bob's memory of the same subject is untouched.
+    assert!(s.memory_list("bob", false).await.unwrap()[0]
+        .superseded_by
+        .is_none());
+
+    // Usage marks.
+    let at = troupe_now();
+    s.memory_mark_used(&[rust.id.clone(), "no-such-id".into()], at)
+        .await
+        .unwrap();
+    s.memory_mark_used(std::slice::from_ref(&rust.id), at)
+        .await
+        .unwrap();
+    let used = s
+        .memory_list("alice", false)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| m.id == rust.id)
+        .unwrap();
+    assert_eq!((used.uses, used.last_used), (2, Some(at)));
+
+    // Eviction: the limit counts every memory of the user; superseded go
+    // first, then the lowest score, oldest first.
+    let low = memory_item("alice", "User likes olives", None, 0.1);
+    let w = s.memory_put(&low, 3).await.unwrap();
+    assert_eq!(
+        w.evicted,
+        vec![python.id.clone()],
+        "the superseded one goes first"
+    );
+    let high = memory_item("alice", "User lives in Lyon", None, 0.95);
+    let w = s.memory_put(&high, 3).await.unwrap();
+    assert_eq!(w.evicted, vec![low.id.clone()], "then the lowest score");
+    let lowest = memory_item("alice", "User likes rain", None, 0.05);
+    let w = s.memory_put(&lowest, 3).await.unwrap();
+    assert_eq!(
+        w.evicted,
+        vec![lowest.id.clone()],
+        "a new memory scoring lowest goes itself"
+    );
+    assert_eq!(s.memory_list("alice", true).await.unwrap().len(), 3);
+    assert_eq!(s.user_get("alice").await.unwrap().unwrap().memories, 3);
+
+    // User records: keys merged, other keys kept.
+    let mut profile = troupe::JsonMap::new();
+    profile.insert("name".into(), "Alice".into());
+    let mut prefs = troupe::JsonMap::new();
+    prefs.insert("language".into(), "fr".into());
+    s.user_update("alice", &profile, &troupe::JsonMap::new())
+        .await
+        .unwrap();
+    let rec = s
+        .user_update("alice", &troupe::JsonMap::new(), &prefs)
+        .await
+        .unwrap();
+    assert_eq!(rec.profile["name"], "Alice");
+    assert_eq!(rec.preferences["language"], "fr");
+    let got = s.user_get("alice").await.unwrap().unwrap();
+    assert_eq!(
+        (got.profile, got.preferences, got.memories),
+        (rec.profile, rec.preferences, 3)
+    );
+
+    // Forgetting: every memory and the user record; other users untouched;
+    // nothing searchable afterwards.
+    assert_eq!(s.forget_user("alice").await.unwrap(), 3);
+    assert!(s.memory_list("alice", true).await.unwrap().is_empty());
+    assert!(s
+        .memory_search("alice", "blue rust lyon", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .memory_recall("alice", "blue", 5)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s.user_get("alice").await.unwrap().is_none());
+    assert_eq!(s.memory_search("bob", "python", 10).await.unwrap().len(), 1);
+    assert_eq!(s.forget_user("alice").await.unwrap(), 0);
+    // A forgotten user can start again.
+    s.memory_put(&memory_item("alice", "User likes tea", None, 0.5), 3)
+        .await
+        .unwrap();
+    assert_eq!(s.user_get("alice").await.unwrap().unwrap().memories, 1);
+}
+
+#[tokio::test]
+async fn memory_store_meets_the_memory_contract() {
+    memory_contract(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_meets_the_memory_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.db");
+    memory_contract(Arc::new(
+        SqliteStore::open(&path, SyncMode::Normal).unwrap(),
+    ))
+    .await;
+    // And the memories survive reopening the file.
+    let store = SqliteStore::open(&path, SyncMode::Normal).unwrap();
+    assert_eq!(
+        store
+            .memory_search("bob", "python", 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}

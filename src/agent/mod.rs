@@ -208,6 +208,7 @@ impl AgentSpec {
 pub struct Agent {
     pub(crate) spec: Arc<AgentSpec>,
     pub(crate) model: Option<Arc<dyn ChatModel>>,
+    pub(crate) memory: Option<crate::memory::Memory>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -233,6 +234,7 @@ impl Agent {
                 model: ModelOverrides::default(),
             },
             model: None,
+            memory: None,
         }
     }
 
@@ -241,6 +243,7 @@ impl Agent {
         Agent {
             spec: Arc::new(spec),
             model: None,
+            memory: None,
         }
     }
 
@@ -253,12 +256,18 @@ impl Agent {
     pub fn spec(&self) -> &AgentSpec {
         &self.spec
     }
+
+    /// The agent's own long-term memory policy, if any.
+    pub fn memory(&self) -> Option<&crate::memory::Memory> {
+        self.memory.as_ref()
+    }
 }
 
 /// Builds an [`Agent`] in code.
 pub struct AgentBuilder {
     spec: AgentSpec,
     model: Option<Arc<dyn ChatModel>>,
+    memory: Option<crate::memory::Memory>,
 }
 
 impl AgentBuilder {
@@ -282,11 +291,20 @@ impl AgentBuilder {
         self.model = Some(model);
         self
     }
+    /// A long-term memory policy of its own (threshold, limits, scorer,
+    /// extractor). Sessions with a user recall and learn memories with it
+    /// even when `memory.long_term` is off. Without one, the runtime's
+    /// policy and `[memory]` config apply.
+    pub fn memory(mut self, memory: crate::memory::Memory) -> Self {
+        self.memory = Some(memory);
+        self
+    }
     /// The agent.
     pub fn build(self) -> Agent {
         Agent {
             spec: Arc::new(self.spec),
             model: self.model,
+            memory: self.memory,
         }
     }
 }

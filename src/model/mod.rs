@@ -17,8 +17,8 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 pub use echo::EchoModel;
-pub use openai::{OpenAiModel, OpenAiSettings};
 pub(crate) use openai::SseParser;
+pub use openai::{OpenAiModel, OpenAiSettings};
 
 use crate::config::{ModelConfig, ModelProvider};
 use crate::store::Role;

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::context::build_request;
+use super::context::{apply_budget, build_request, memory_section, session_line};
 use super::{ChatReply, NewMessage, SessionMetadata, StateChange, StreamEvent};
 use crate::agent::{Generate, GenerateStream};
 use crate::error::{Error, Result};
@@ -290,10 +290,17 @@ pub(crate) struct Open {
     pub agents: Vec<Arc<AgentBinding>>,
     /// The shared-state namespace its agents read (kept in metadata).
     pub shared_state: Option<String>,
+    /// Turn long-term memory on or off for this session (kept in metadata);
+    /// on, without a user, makes the session id the user id.
+    pub persist_memory: Option<bool>,
 }
 
 /// The metadata key holding a session's shared-state namespace.
 pub(crate) const SHARED_STATE_KEY: &str = "shared_state";
+/// The metadata key holding `persist_memory(..)`: long-term memory on/off.
+pub(crate) const LONG_TERM_KEY: &str = "long_term_memory";
+/// The metadata key holding user feedback: `{message id: score}`.
+pub(crate) const FEEDBACK_KEY: &str = "feedback";
 
 impl Handler<Open> for SessionActor {
     type Result = Reply<SessionMetadata>;
@@ -306,6 +313,10 @@ impl Handler<Open> for SessionActor {
             return done(Err(Error::SessionNotFound(self.id.to_string())));
         }
         let names: Vec<String> = msg.agents.iter().map(|b| b.spec.name.clone()).collect();
+        let persist_user = |user: &Option<String>, id: &str| match (msg.persist_memory, user) {
+            (Some(true), None) => Some(id.to_string()),
+            _ => user.clone(),
+        };
         let (next, expected) = match &self.phase {
             Phase::Absent if msg.create => {
                 let agents = if names.is_empty() {
@@ -313,29 +324,38 @@ impl Handler<Open> for SessionActor {
                 } else {
                     names
                 };
-                let mut r = SessionRecord::new(&*self.id, msg.user_id.clone(), agents);
+                let user = persist_user(&msg.user_id, &self.id);
+                let mut r = SessionRecord::new(&*self.id, user, agents);
                 if let Some(ns) = &msg.shared_state {
                     r.metadata
                         .insert(SHARED_STATE_KEY.into(), ns.clone().into());
+                }
+                if let Some(on) = msg.persist_memory {
+                    r.metadata.insert(LONG_TERM_KEY.into(), on.into());
                 }
                 r.state_version = 1;
                 (r, None)
             }
             Phase::Live(state) => {
                 let r = &state.record;
-                let user_changes = msg.user_id.is_some() && msg.user_id != r.user_id;
+                let wanted_user =
+                    persist_user(&msg.user_id.clone().or_else(|| r.user_id.clone()), &self.id);
+                let user_changes = wanted_user.is_some() && wanted_user != r.user_id;
                 let agents_change = !names.is_empty() && names != r.agents;
                 let shared_change = msg.shared_state.as_ref().is_some_and(|ns| {
                     r.metadata.get(SHARED_STATE_KEY).and_then(|v| v.as_str()) != Some(ns.as_str())
                 });
-                if !user_changes && !agents_change && !shared_change {
+                let persist_change = msg.persist_memory.is_some_and(|on| {
+                    r.metadata.get(LONG_TERM_KEY).and_then(|v| v.as_bool()) != Some(on)
+                });
+                if !user_changes && !agents_change && !shared_change && !persist_change {
                     let meta = SessionMetadata::from(r);
                     self.use_agents(&msg.agents);
                     return done(Ok(meta));
                 }
                 let mut next = r.clone();
                 if user_changes {
-                    next.user_id = msg.user_id.clone();
+                    next.user_id = wanted_user;
                 }
                 if agents_change {
                     next.agents = names;
@@ -344,37 +364,69 @@ impl Handler<Open> for SessionActor {
                     next.metadata
                         .insert(SHARED_STATE_KEY.into(), ns.clone().into());
                 }
+                if let (true, Some(on)) = (persist_change, msg.persist_memory) {
+                    next.metadata.insert(LONG_TERM_KEY.into(), on.into());
+                }
                 next.updated_at = now();
                 next.state_version += 1;
                 (next, Some(r.state_version))
             }
             _ => return done(self.live().map(|s| SessionMetadata::from(&s.record))),
         };
-        let meta = SessionMetadata::from(&next);
-        let commit = Commit {
-            record: next.clone(),
-            expected_version: expected,
-            small_state_changed: true,
-            new_segment: None,
-            messages: Vec::new(),
-            checkpoints: Vec::new(),
-            drop_checkpoints: Vec::new(),
+        // A new session of a known user starts with the user's profile and
+        // preferences (one read, only when a session with a user is created).
+        let seed_user = match (expected, &next.user_id) {
+            (None, Some(u)) => Some(u.clone()),
+            _ => None,
         };
+        let store = self.core.store.clone();
         let bindings = msg.agents;
-        commit_then(self, commit, move |act| {
-            act.use_agents(&bindings);
-            match &mut act.phase {
-                Phase::Live(s) => s.record = next,
-                _ => {
-                    act.phase = Phase::Live(SessionState {
-                        record: next,
-                        recent: VecDeque::new(),
-                        can_append: false,
-                    })
+        AtomicResponse::new(Box::pin(
+            async move {
+                let mut next = next;
+                if let Some(user) = seed_user {
+                    match store.user_get(&user).await {
+                        Ok(Some(u)) => {
+                            next.profile = u.profile;
+                            next.preferences = u.preferences;
+                        }
+                        Ok(None) | Err(StoreError::Unsupported(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
+                store
+                    .commit(Commit {
+                        record: next.clone(),
+                        expected_version: expected,
+                        small_state_changed: true,
+                        new_segment: None,
+                        messages: Vec::new(),
+                        checkpoints: Vec::new(),
+                        drop_checkpoints: Vec::new(),
+                    })
+                    .await?;
+                Ok::<_, Error>(next)
             }
-            meta
-        })
+            .into_actor(self)
+            .map(move |res, act, ctx| match res {
+                Ok(next) => {
+                    let meta = SessionMetadata::from(&next);
+                    act.use_agents(&bindings);
+                    match &mut act.phase {
+                        Phase::Live(s) => s.record = next,
+                        _ => {
+                            act.phase = Phase::Live(SessionState {
+                                record: next,
+                                recent: VecDeque::new(),
+                                can_append: false,
+                            })
+                        }
+                    }
+                    Ok(meta)
+                }
+                Err(e) => Err(act.failed(ctx, e)),
+            }),
+        ))
     }
 }
 
@@ -398,6 +450,51 @@ struct TurnPlan {
     /// An automatic checkpoint is due with this turn: the known automatic
     /// checkpoint ids (if already read) and how many to keep.
     auto: Option<(Option<VecDeque<String>>, usize)>,
+    /// Long-term memory for this turn (a session with a user, memory on).
+    long_term: Option<LongTerm>,
+    /// `memory.max_context_tokens` (0 = none).
+    budget: usize,
+}
+
+/// What a turn with long-term memory needs.
+struct LongTerm {
+    user: String,
+    policy: crate::memory::Policy,
+    /// The session-context line appended to the system message.
+    session_line: String,
+}
+
+impl SessionActor {
+    /// Whether this turn uses long-term memory, and with which policy: the
+    /// session needs a user; `persist_memory(..)` decides if set, else
+    /// whether the agent has a `Memory` of its own or `memory.long_term`.
+    fn long_term(&self, binding: &AgentBinding, state: &SessionState) -> Option<LongTerm> {
+        let record = &state.record;
+        let user = record.user_id.as_ref()?;
+        let config = &self.core.config.memory;
+        let on = match record.metadata.get(LONG_TERM_KEY).and_then(|v| v.as_bool()) {
+            Some(on) => on,
+            None => binding.memory.is_some() || config.long_term,
+        };
+        if !on {
+            return None;
+        }
+        let memory = binding.memory.as_ref().unwrap_or(&self.core.memory);
+        let topics = crate::memory::topics(
+            state
+                .recent
+                .iter()
+                .filter(|m| m.role == Role::User)
+                .map(|m| m.content.as_str()),
+            5,
+        );
+        let minutes = (now() - record.created_at).num_minutes();
+        Some(LongTerm {
+            user: user.clone(),
+            policy: memory.policy(config),
+            session_line: session_line(record.interactions, minutes, &topics),
+        })
+    }
 }
 
 impl SessionActor {
@@ -421,6 +518,8 @@ impl SessionActor {
             binding.temperature,
             binding.max_tokens,
         );
+        let long_term = self.long_term(&binding, state);
+        let budget = self.core.config.memory.max_context_tokens;
         let (new_segment, ids) = self.plan(state, 2);
         let every = self.core.config.checkpoint.every;
         let auto = (every > 0 && (state.record.interactions + 1) % every == 0).then(|| {
@@ -452,6 +551,8 @@ impl SessionActor {
                     .map(str::to_string),
                 record: state.record.clone(),
                 auto,
+                long_term,
+                budget,
             },
             request,
         ))
@@ -472,10 +573,16 @@ struct Applied {
 
 impl TurnPlan {
     /// The commit of a finished turn, and what to apply once it is durable.
-    fn finish(self, resp: ChatResponse) -> (Commit, Applied) {
+    /// `latency` is the model call's (recorded in the reply's `meta` as
+    /// `latency_ms`, with `usage` when the model reports it).
+    fn finish(self, resp: ChatResponse, latency: Duration) -> (Commit, Applied) {
         let mut meta = self.binding.model.reply_meta();
-        if let (Some(u), Some(obj)) = (resp.usage, meta.as_object_mut()) {
-            obj.insert("usage".into(), serde_json::json!(u));
+        if let Some(obj) = meta.as_object_mut() {
+            if let Some(u) = resp.usage {
+                obj.insert("usage".into(), serde_json::json!(u));
+            }
+            let ms = (latency.as_secs_f64() * 1e6).round() / 1e3;
+            obj.insert("latency_ms".into(), serde_json::json!(ms));
         }
         let reply = Message {
             id: self.reply_id,
@@ -518,6 +625,72 @@ impl TurnPlan {
             drop_checkpoints: Vec::new(),
         };
         (commit, applied)
+    }
+}
+
+/// Puts what is remembered about the user into the system message (and
+/// the session-context line); returns the ids of the memories used.
+/// A store without memory support is a session without long-term memory.
+async fn with_memories(
+    store: &Arc<dyn crate::store::Store>,
+    long_term: Option<&LongTerm>,
+    message: &str,
+    request: &mut crate::model::ChatRequest,
+) -> Result<Vec<String>> {
+    let Some(lt) = long_term else {
+        return Ok(Vec::new());
+    };
+    let recalled = if lt.policy.retrieve == 0 {
+        Vec::new()
+    } else {
+        match store
+            .memory_recall(&lt.user, message, lt.policy.retrieve)
+            .await
+        {
+            Ok(v) => v,
+            Err(StoreError::Unsupported(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if let Some(system) = request.messages.first_mut() {
+        memory_section(&mut system.content, &recalled);
+        system.content.push_str(&lt.session_line);
+    }
+    Ok(recalled.into_iter().map(|m| m.id).collect())
+}
+
+/// After a durable turn: marks the recalled memories used (in the
+/// background: usage counts are statistics, not part of the turn) and
+/// stores what the extractor found in the user's message. A failure here
+/// is logged; the turn is already durable and stays acknowledged.
+async fn after_turn(
+    store: &Arc<dyn crate::store::Store>,
+    long_term: Option<LongTerm>,
+    session: &str,
+    message: &str,
+    used: Vec<String>,
+) {
+    let Some(lt) = long_term else { return };
+    if !used.is_empty() {
+        let store = store.clone();
+        actix::spawn(async move {
+            if let Err(e) = store.memory_mark_used(&used, now()).await {
+                tracing::debug!(error = %e, "could not mark memories used");
+            }
+        });
+    }
+    if !lt.policy.extract {
+        return;
+    }
+    for c in lt.policy.extractor.extract(message) {
+        let item = crate::memory::item_for(&lt.user, Some(session), c);
+        match crate::memory::store_item(store, &lt.policy, item).await {
+            Ok(outcome) => tracing::debug!(?outcome, "memory candidate"),
+            Err(e) if crate::memory::is_unsupported(&e) => return,
+            Err(e) => {
+                tracing::warn!(session, error = %e, "could not store a memory");
+            }
+        }
     }
 }
 
@@ -618,16 +791,31 @@ impl Handler<Chat> for SessionActor {
         let store = self.core.store.clone();
         AtomicResponse::new(Box::pin(
             async move {
-                let request =
+                let mut plan = plan;
+                let mut request =
                     with_shared_state(&store, plan.shared_state.as_deref(), request).await?;
+                let used = with_memories(
+                    &store,
+                    plan.long_term.as_ref(),
+                    &plan.user.content,
+                    &mut request,
+                )
+                .await?;
+                apply_budget(&mut request, plan.budget);
+                let started = Instant::now();
                 let resp = addr
                     .send(Generate(request))
                     .await
                     .map_err(|e| crate::model::ModelError::Failed(e.to_string()))??;
+                let latency = started.elapsed();
                 let auto = plan.auto.clone();
-                let (mut commit, mut applied) = plan.finish(resp);
+                let long_term = plan.long_term.take();
+                let message = plan.user.content.clone();
+                let (mut commit, mut applied) = plan.finish(resp, latency);
                 add_auto_checkpoint(&store, auto, &mut commit, &mut applied).await?;
+                let session = commit.record.id.clone();
                 store.commit(commit).await?;
+                after_turn(&store, long_term, &session, &message, used).await;
                 Ok::<_, Error>(applied)
             }
             .into_actor(self)
@@ -666,8 +854,18 @@ impl Handler<ChatStream> for SessionActor {
         let tx2 = tx.clone();
         AtomicResponse::new(Box::pin(
             async move {
-                let request =
+                let mut plan = plan;
+                let mut request =
                     with_shared_state(&store, plan.shared_state.as_deref(), request).await?;
+                let used = with_memories(
+                    &store,
+                    plan.long_term.as_ref(),
+                    &plan.user.content,
+                    &mut request,
+                )
+                .await?;
+                apply_budget(&mut request, plan.budget);
+                let started = Instant::now();
                 let mut stream = addr
                     .send(GenerateStream(request))
                     .await
@@ -679,15 +877,23 @@ impl Handler<ChatStream> for SessionActor {
                     // A caller that stopped listening does not stop the turn.
                     let _ = tx.send(Ok(StreamEvent::Delta(piece)));
                 }
+                let latency = started.elapsed();
                 let model = plan.binding.model.name().to_string();
                 let auto = plan.auto.clone();
-                let (mut commit, mut applied) = plan.finish(ChatResponse {
-                    content,
-                    model,
-                    usage: None,
-                });
+                let long_term = plan.long_term.take();
+                let message = plan.user.content.clone();
+                let (mut commit, mut applied) = plan.finish(
+                    ChatResponse {
+                        content,
+                        model,
+                        usage: None,
+                    },
+                    latency,
+                );
                 add_auto_checkpoint(&store, auto, &mut commit, &mut applied).await?;
+                let session = commit.record.id.clone();
                 store.commit(commit).await?;
+                after_turn(&store, long_term, &session, &message, used).await;
                 Ok::<_, Error>(applied)
             }
             .into_actor(self)
@@ -779,6 +985,23 @@ impl Handler<Update> for SessionActor {
             Err(e) => return done(Err(e)),
         };
         let mut next = state.record.clone();
+        // Profile and preferences follow the user: also written to the
+        // user's record, so a new session of the user starts with them.
+        let mut profile = crate::store::JsonMap::new();
+        let mut preferences = crate::store::JsonMap::new();
+        match &msg.0 {
+            StateChange::Profile(k, v) => {
+                profile.insert(k.clone(), v.clone());
+            }
+            StateChange::Preference(k, v) => {
+                preferences.insert(k.clone(), v.clone());
+            }
+            _ => {}
+        }
+        let user = next
+            .user_id
+            .clone()
+            .filter(|_| !profile.is_empty() || !preferences.is_empty());
         msg.0.apply(&mut next);
         next.updated_at = now();
         next.state_version += 1;
@@ -791,11 +1014,32 @@ impl Handler<Update> for SessionActor {
             checkpoints: Vec::new(),
             drop_checkpoints: Vec::new(),
         };
-        commit_then(self, commit, move |act| {
-            if let Some(s) = act.live_mut() {
-                s.record = next;
+        let store = self.core.store.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                store.commit(commit).await?;
+                if let Some(user) = user {
+                    match store.user_update(&user, &profile, &preferences).await {
+                        Ok(_) | Err(StoreError::Unsupported(_)) => {}
+                        // The session's own change is durable: report, do not undo.
+                        Err(e) => {
+                            tracing::warn!(user, error = %e, "could not update the user record")
+                        }
+                    }
+                }
+                Ok::<_, Error>(())
             }
-        })
+            .into_actor(self)
+            .map(move |res, act, ctx| match res {
+                Ok(()) => {
+                    if let Some(s) = act.live_mut() {
+                        s.record = next;
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(act.failed(ctx, e)),
+            }),
+        ))
     }
 }
 
@@ -1357,5 +1601,76 @@ impl Handler<Append> for SessionActor {
             }
             ids
         })
+    }
+}
+
+/// Record user feedback on a reply (kept in the metadata key `feedback`).
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub(crate) struct SetFeedback {
+    pub message: MessageId,
+    pub score: f64,
+}
+
+impl Handler<SetFeedback> for SessionActor {
+    type Result = Reply<()>;
+
+    fn handle(&mut self, msg: SetFeedback, _: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        let record = match self.live() {
+            Ok(s) => s.record.clone(),
+            Err(e) => return done(Err(e)),
+        };
+        let store = self.core.store.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                // The reply must be on this session's path (one read; feedback is rare).
+                let history = match record.head {
+                    Some(h) => store.history(h, None).await?,
+                    None => Vec::new(),
+                };
+                let found = history.iter().find(|m| m.id == msg.message);
+                if !found.is_some_and(|m| m.role == Role::Assistant) {
+                    return Err(Error::InvalidRequest(format!(
+                        "message {} is not a reply in session '{}'",
+                        msg.message, record.id
+                    )));
+                }
+                let mut next = record.clone();
+                let mut map = next
+                    .metadata
+                    .get(FEEDBACK_KEY)
+                    .and_then(|v| v.as_object())
+                    .cloned()
+                    .unwrap_or_default();
+                map.insert(msg.message.to_string(), serde_json::json!(msg.score));
+                next.metadata
+                    .insert(FEEDBACK_KEY.into(), serde_json::Value::Object(map));
+                next.updated_at = now();
+                next.state_version += 1;
+                store
+                    .commit(Commit {
+                        record: next.clone(),
+                        expected_version: Some(record.state_version),
+                        small_state_changed: true,
+                        new_segment: None,
+                        messages: Vec::new(),
+                        checkpoints: Vec::new(),
+                        drop_checkpoints: Vec::new(),
+                    })
+                    .await?;
+                Ok::<_, Error>(next)
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| match res {
+                Ok(next) => {
+                    if let Some(s) = act.live_mut() {
+                        s.record = next;
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(act.failed(ctx, e)),
+            }),
+        ))
     }
 }

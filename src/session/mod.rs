@@ -17,8 +17,11 @@
 //! ```
 
 pub(crate) mod actor;
+mod analytics;
 mod context;
 pub(crate) mod registry;
+
+pub use analytics::{AgentStats, Feedback, SessionAnalytics, SessionContext};
 
 use std::future::Future;
 use std::path::Path;
@@ -221,6 +224,7 @@ pub struct SessionBuilder {
     agent_names: Vec<String>,
     create: bool,
     shared_state: Option<String>,
+    persist_memory: Option<bool>,
 }
 
 impl SessionBuilder {
@@ -233,7 +237,18 @@ impl SessionBuilder {
             agent_names: Vec::new(),
             create: true,
             shared_state: None,
+            persist_memory: None,
         }
+    }
+
+    /// Long-term memory for this session, on or off (remembered with the
+    /// session; default: on when the agent has a `Memory` or
+    /// `memory.long_term` is set). On, for a session without a user, makes
+    /// the session id its user id — so `rt.session("user_123")
+    /// .persist_memory(true)` remembers for user `user_123`.
+    pub fn persist_memory(mut self, on: bool) -> Self {
+        self.persist_memory = Some(on);
+        self
     }
 
     /// The user this session belongs to.
@@ -285,6 +300,14 @@ impl SessionBuilder {
         for n in &self.agent_names {
             bindings.push(core.binding_by_name(n)?);
         }
+        for b in &bindings {
+            if let Some(m) = &b.memory {
+                m.provider().check(core.store.name())?;
+            }
+        }
+        if let Some(u) = &self.user_id {
+            crate::memory::validate_user_id(u)?;
+        }
         let session = Session {
             rt: self.rt.clone(),
             id: Arc::from(id.as_str()),
@@ -292,12 +315,14 @@ impl SessionBuilder {
         let create = self.create;
         let user_id = self.user_id;
         let shared_state = self.shared_state;
+        let persist_memory = self.persist_memory;
         session
             .call(move || actor::Open {
                 create,
                 user_id: user_id.clone(),
                 agents: bindings.clone(),
                 shared_state: shared_state.clone(),
+                persist_memory,
             })
             .await??;
         Ok(session)

@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    check_version, CheckpointRecord, Commit, LoadedSession, Message, MessageId, RunRecord, Segment,
-    SegmentId, SegmentInfo, SessionFilter, SessionRecord, SessionSummary, SharedEntry, Store,
-    StoreError, TaskResult,
+    check_version, CheckpointRecord, Commit, JsonMap, LoadedSession, MemoryHit, MemoryItem,
+    MemoryWrite, Message, MessageId, RunRecord, Segment, SegmentId, SegmentInfo, SessionFilter,
+    SessionRecord, SessionSummary, SharedEntry, Store, StoreError, TaskResult, UserRecord,
 };
 
 #[derive(Default)]
@@ -27,6 +27,9 @@ struct Inner {
     shared_deleted: HashMap<(String, String), u64>,
     runs: HashMap<String, RunRecord>,
     task_results: std::collections::BTreeMap<(String, String), TaskResult>,
+    /// Long-term memories by user, in insertion order.
+    memories: HashMap<String, Vec<MemoryItem>>,
+    users: HashMap<String, UserRecord>,
 }
 
 /// A store that keeps everything in process memory (nothing survives the process).
@@ -477,5 +480,182 @@ impl Store for MemoryStore {
             .filter(|r| r.run_id == run_id)
             .cloned()
             .collect())
+    }
+
+    async fn memory_put(
+        &self,
+        item: &MemoryItem,
+        max_per_user: usize,
+    ) -> Result<MemoryWrite, StoreError> {
+        let mut inner = self.lock();
+        let mut out = MemoryWrite::default();
+        let list = inner.memories.entry(item.user_id.clone()).or_default();
+        if item.subject.is_some() {
+            let same = |m: &MemoryItem| {
+                m.superseded_by.is_none() && m.kind == item.kind && m.subject == item.subject
+            };
+            if let Some(d) = list
+                .iter()
+                .find(|m| same(m) && m.content.to_lowercase() == item.content.to_lowercase())
+            {
+                out.duplicate_of = Some(d.id.clone());
+                return Ok(out);
+            }
+            for m in list.iter_mut().filter(|m| same(m)) {
+                m.superseded_by = Some(item.id.clone());
+                out.superseded.push(m.id.clone());
+            }
+        }
+        let mut new = item.clone();
+        new.superseded_by = None;
+        list.push(new);
+        let max = max_per_user.max(1);
+        if list.len() > max {
+            // Eviction order: superseded first, then lowest score, oldest first.
+            let mut order: Vec<usize> = (0..list.len()).collect();
+            order.sort_by(|&a, &b| {
+                let (x, y) = (&list[a], &list[b]);
+                (x.superseded_by.is_none())
+                    .cmp(&y.superseded_by.is_none())
+                    .then(x.score.total_cmp(&y.score))
+                    .then(x.created_at.cmp(&y.created_at))
+                    .then(a.cmp(&b))
+            });
+            let doomed: HashSet<usize> = order[..list.len() - max].iter().copied().collect();
+            let mut i = 0;
+            list.retain(|m| {
+                let keep = !doomed.contains(&i);
+                i += 1;
+                if !keep {
+                    out.evicted.push(m.id.clone());
+                }
+                keep
+            });
+        }
+        let count = list.len() as u64;
+        let user = inner
+            .users
+            .entry(item.user_id.clone())
+            .or_insert_with(|| UserRecord {
+                user_id: item.user_id.clone(),
+                updated_at: super::now(),
+                ..Default::default()
+            });
+        user.memories = count;
+        Ok(out)
+    }
+
+    async fn memory_list(
+        &self,
+        user_id: &str,
+        include_superseded: bool,
+    ) -> Result<Vec<MemoryItem>, StoreError> {
+        let inner = self.lock();
+        let mut v: Vec<MemoryItem> = inner
+            .memories
+            .get(user_id)
+            .map(|l| {
+                l.iter()
+                    .filter(|m| include_superseded || m.superseded_by.is_none())
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by_key(|m| m.created_at);
+        Ok(v)
+    }
+
+    async fn memory_top(&self, user_id: &str, limit: usize) -> Result<Vec<MemoryItem>, StoreError> {
+        let mut v = self.memory_list(user_id, false).await?;
+        v.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then(b.created_at.cmp(&a.created_at))
+        });
+        v.truncate(limit);
+        Ok(v)
+    }
+
+    async fn memory_search(
+        &self,
+        user_id: &str,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<MemoryHit>, StoreError> {
+        // The reference ranking: how many of the query's terms the memory
+        // contains as words; ties by score, then newest.
+        let terms = crate::memory::search_terms(query);
+        if terms.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let inner = self.lock();
+        let mut hits: Vec<MemoryHit> = inner
+            .memories
+            .get(user_id)
+            .into_iter()
+            .flatten()
+            .filter(|m| m.superseded_by.is_none())
+            .filter_map(|m| {
+                let words: HashSet<String> = crate::memory::extract_words(&m.content);
+                let n = terms.iter().filter(|t| words.contains(*t)).count();
+                (n > 0).then(|| MemoryHit {
+                    item: m.clone(),
+                    rank: n as f64,
+                })
+            })
+            .collect();
+        hits.sort_by(|a, b| {
+            b.rank
+                .total_cmp(&a.rank)
+                .then(b.item.score.total_cmp(&a.item.score))
+                .then(b.item.created_at.cmp(&a.item.created_at))
+        });
+        hits.truncate(limit);
+        Ok(hits)
+    }
+
+    async fn memory_mark_used(&self, ids: &[String], at: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        for list in inner.memories.values_mut() {
+            for m in list.iter_mut().filter(|m| ids.contains(&m.id)) {
+                m.uses += 1;
+                m.last_used = Some(at);
+            }
+        }
+        Ok(())
+    }
+
+    async fn forget_user(&self, user_id: &str) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        inner.users.remove(user_id);
+        Ok(inner.memories.remove(user_id).map_or(0, |l| l.len() as u64))
+    }
+
+    async fn user_get(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
+        Ok(self.lock().users.get(user_id).cloned())
+    }
+
+    async fn user_update(
+        &self,
+        user_id: &str,
+        profile: &JsonMap,
+        preferences: &JsonMap,
+    ) -> Result<UserRecord, StoreError> {
+        let mut inner = self.lock();
+        let u = inner
+            .users
+            .entry(user_id.to_string())
+            .or_insert_with(|| UserRecord {
+                user_id: user_id.to_string(),
+                ..Default::default()
+            });
+        for (k, v) in profile {
+            u.profile.insert(k.clone(), v.clone());
+        }
+        for (k, v) in preferences {
+            u.preferences.insert(k.clone(), v.clone());
+        }
+        u.updated_at = super::now();
+        Ok(u.clone())
     }
 }

@@ -116,6 +116,14 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The backend does not implement this operation (yet): e.g. long-term
+    /// memory on a backend that has no memory tables. Nothing was changed.
+    #[error("the {0} is not supported by this store backend")]
+    Unsupported(String),
+}
+
+fn unsupported(store: &str, what: &str) -> StoreError {
+    StoreError::Unsupported(format!("{what} operation ({store} store)"))
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -251,6 +259,120 @@ pub trait Store: Send + Sync + 'static {
     fn handoff_requests(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
         None
     }
+
+    // ---- long-term memory and per-user records ----
+    //
+    // Every method below has a default that fails with
+    // [`StoreError::Unsupported`], so a backend without memory support still
+    // compiles and serves sessions (the runtime then runs without long-term
+    // memory). The contract is `memory_contract` in tests/store_conformance.rs.
+
+    /// Stores a memory of `item.user_id`, in one atomic step: if it has a
+    /// subject, an active memory of the same user, kind and subject with
+    /// the same content (ignoring case) makes it a duplicate (nothing
+    /// written); otherwise those memories are superseded by it (kept, never
+    /// searched). Then, while the user has more than `max_per_user`
+    /// memories, the lowest are evicted: superseded ones first, then by
+    /// `score`, oldest first.
+    async fn memory_put(
+        &self,
+        _item: &MemoryItem,
+        _max_per_user: usize,
+    ) -> Result<MemoryWrite, StoreError> {
+        Err(unsupported(self.name(), "memory_put"))
+    }
+
+    /// A user's memories, oldest first; superseded ones only if asked.
+    async fn memory_list(
+        &self,
+        _user_id: &str,
+        _include_superseded: bool,
+    ) -> Result<Vec<MemoryItem>, StoreError> {
+        Err(unsupported(self.name(), "memory_list"))
+    }
+
+    /// A user's `limit` best active memories: highest `score` first, then newest.
+    async fn memory_top(
+        &self,
+        _user_id: &str,
+        _limit: usize,
+    ) -> Result<Vec<MemoryItem>, StoreError> {
+        Err(unsupported(self.name(), "memory_top"))
+    }
+
+    /// Full-text search of a user's active memories for the words of
+    /// `query` (any of them; see [`crate::memory::search_terms`]), best
+    /// first, at most `limit`. Never returns another user's memories; a
+    /// query with no searchable word finds nothing.
+    async fn memory_search(
+        &self,
+        _user_id: &str,
+        _query: &str,
+        _limit: usize,
+    ) -> Result<Vec<MemoryHit>, StoreError> {
+        Err(unsupported(self.name(), "memory_search"))
+    }
+
+    /// What a prompt gets: the search hits for `query`, then the user's
+    /// best memories to fill up to `limit` (no repeats). One read where the
+    /// backend can.
+    async fn memory_recall(
+        &self,
+        user_id: &str,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<MemoryItem>, StoreError> {
+        let mut out: Vec<MemoryItem> = self
+            .memory_search(user_id, query, limit)
+            .await?
+            .into_iter()
+            .map(|h| h.item)
+            .collect();
+        if out.len() < limit {
+            for m in self.memory_top(user_id, limit).await? {
+                if out.len() >= limit {
+                    break;
+                }
+                if !out.iter().any(|o| o.id == m.id) {
+                    out.push(m);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records that these memories went into a prompt at `at` (`uses + 1`,
+    /// `last_used = at`). Unknown ids are ignored.
+    async fn memory_mark_used(
+        &self,
+        _ids: &[String],
+        _at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        Err(unsupported(self.name(), "memory_mark_used"))
+    }
+
+    /// Deletes everything the store keeps per user: every memory (active
+    /// and superseded, and their full-text entries) and the user record.
+    /// Sessions are not touched. Returns how many memories were deleted.
+    async fn forget_user(&self, _user_id: &str) -> Result<u64, StoreError> {
+        Err(unsupported(self.name(), "forget_user"))
+    }
+
+    /// The user's record (profile, preferences, memory count), if any.
+    async fn user_get(&self, _user_id: &str) -> Result<Option<UserRecord>, StoreError> {
+        Err(unsupported(self.name(), "user_get"))
+    }
+
+    /// Sets these profile and preference keys on the user's record
+    /// (created if absent; other keys kept), atomically. Returns the record.
+    async fn user_update(
+        &self,
+        _user_id: &str,
+        _profile: &JsonMap,
+        _preferences: &JsonMap,
+    ) -> Result<UserRecord, StoreError> {
+        Err(unsupported(self.name(), "user_update"))
+    }
 }
 
 #[async_trait]
@@ -361,6 +483,56 @@ impl<T: Store + ?Sized> Store for Arc<T> {
         (**self)
             .trim_segments(session_id, expected_version, plan)
             .await
+    }
+    async fn memory_put(
+        &self,
+        item: &MemoryItem,
+        max_per_user: usize,
+    ) -> Result<MemoryWrite, StoreError> {
+        (**self).memory_put(item, max_per_user).await
+    }
+    async fn memory_list(
+        &self,
+        user_id: &str,
+        include_superseded: bool,
+    ) -> Result<Vec<MemoryItem>, StoreError> {
+        (**self).memory_list(user_id, include_superseded).await
+    }
+    async fn memory_top(&self, user_id: &str, limit: usize) -> Result<Vec<MemoryItem>, StoreError> {
+        (**self).memory_top(user_id, limit).await
+    }
+    async fn memory_search(
+        &self,
+        user_id: &str,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<MemoryHit>, StoreError> {
+        (**self).memory_search(user_id, query, limit).await
+    }
+    async fn memory_recall(
+        &self,
+        user_id: &str,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<MemoryItem>, StoreError> {
+        (**self).memory_recall(user_id, query, limit).await
+    }
+    async fn memory_mark_used(&self, ids: &[String], at: DateTime<Utc>) -> Result<(), StoreError> {
+        (**self).memory_mark_used(ids, at).await
+    }
+    async fn forget_user(&self, user_id: &str) -> Result<u64, StoreError> {
+        (**self).forget_user(user_id).await
+    }
+    async fn user_get(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
+        (**self).user_get(user_id).await
+    }
+    async fn user_update(
+        &self,
+        user_id: &str,
+        profile: &JsonMap,
+        preferences: &JsonMap,
+    ) -> Result<UserRecord, StoreError> {
+        (**self).user_update(user_id, profile, preferences).await
     }
 }
 

@@ -18,7 +18,9 @@
 //! Layout (schema v1): `sessions` keyed by a compact integer, `segments` of
 //! the message tree, `messages` clustered by `(segment, seq)` (`WITHOUT
 //! ROWID`) so that a history read is a few range scans, and `checkpoints`.
-//! Migrations are numbered and recorded in `schema_version`.
+//! Schema v4 adds long-term `memories` (an FTS5 index `memories_fts`, BM25
+//! ranking) and per-user `users` records. Migrations are numbered and
+//! recorded in `schema_version`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,8 +35,9 @@ use tokio::sync::oneshot;
 
 use super::{
     check_version, from_micros, to_micros, CheckpointKind, CheckpointRecord, Commit, JsonMap,
-    LoadedSession, Message, MessageId, Role, RunRecord, RunStatus, SegmentId, SegmentInfo,
-    SessionFilter, SessionRecord, SessionSummary, SharedEntry, Store, StoreError, TaskResult,
+    LoadedSession, MemoryHit, MemoryItem, MemoryKind, MemoryWrite, Message, MessageId, Role,
+    RunRecord, RunStatus, SegmentId, SegmentInfo, SessionFilter, SessionRecord, SessionSummary,
+    SharedEntry, Store, StoreError, TaskResult, UserRecord,
 };
 
 /// Most jobs one transaction takes.
@@ -140,6 +143,48 @@ const MIGRATIONS: &[&str] = &[
         started_at INTEGER,
         finished_at INTEGER,
         PRIMARY KEY (run_id, task_id)
+    ) WITHOUT ROWID;
+    "#,
+    // v4: long-term memories (with an FTS5 index) and per-user records.
+    r#"
+    CREATE TABLE memories (
+        key INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        user_id TEXT NOT NULL,
+        content TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT,
+        relevance REAL NOT NULL,
+        importance REAL NOT NULL,
+        score REAL NOT NULL,
+        created_at INTEGER NOT NULL,
+        last_used INTEGER,
+        uses INTEGER NOT NULL DEFAULT 0,
+        active INTEGER NOT NULL DEFAULT 1,
+        superseded_by TEXT,
+        session_id TEXT
+    );
+    CREATE INDEX memories_user ON memories(user_id, active, score);
+    CREATE INDEX memories_subject ON memories(user_id, subject) WHERE subject IS NOT NULL;
+    CREATE VIRTUAL TABLE memories_fts USING fts5(
+        content, content='memories', content_rowid='key', tokenize='porter unicode61'
+    );
+    CREATE TRIGGER memories_fts_insert AFTER INSERT ON memories BEGIN
+        INSERT INTO memories_fts(rowid, content) VALUES (new.key, new.content);
+    END;
+    CREATE TRIGGER memories_fts_delete AFTER DELETE ON memories BEGIN
+        INSERT INTO memories_fts(memories_fts, rowid, content) VALUES ('delete', old.key, old.content);
+    END;
+    CREATE TRIGGER memories_fts_update AFTER UPDATE OF content ON memories BEGIN
+        INSERT INTO memories_fts(memories_fts, rowid, content) VALUES ('delete', old.key, old.content);
+        INSERT INTO memories_fts(rowid, content) VALUES (new.key, new.content);
+    END;
+    CREATE TABLE users (
+        user_id TEXT PRIMARY KEY,
+        profile TEXT NOT NULL,
+        preferences TEXT NOT NULL,
+        memories INTEGER NOT NULL DEFAULT 0,
+        updated_at INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
 ];
@@ -1565,4 +1610,375 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn memory_put(
+        &self,
+        item: &MemoryItem,
+        max_per_user: usize,
+    ) -> Result<MemoryWrite, StoreError> {
+        let item = item.clone();
+        let max = max_per_user.max(1) as i64;
+        let out = Arc::new(Mutex::new(MemoryWrite::default()));
+        let out2 = out.clone();
+        self.write(WriteOp::Sql(Box::new(move |tx: &Transaction<'_>| {
+            let w = apply_memory_put(tx, &item, max)?;
+            *out2.lock().unwrap_or_else(|p| p.into_inner()) = w;
+            Ok(true)
+        })))
+        .await?;
+        let w = std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(w)
+    }
+
+    async fn memory_list(
+        &self,
+        user_id: &str,
+        include_superseded: bool,
+    ) -> Result<Vec<MemoryItem>, StoreError> {
+        let user = user_id.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {MEMORY_COLUMNS} FROM memories m WHERE m.user_id = ?1 \
+                 AND (?2 OR m.active = 1) ORDER BY m.created_at, m.key"
+            ))?;
+            let mut rows = stmt.query(params![user, include_superseded])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(memory_row(row)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn memory_top(&self, user_id: &str, limit: usize) -> Result<Vec<MemoryItem>, StoreError> {
+        let user = user_id.to_owned();
+        self.read(move |conn| read_top(conn, &user, limit)).await
+    }
+
+    async fn memory_search(
+        &self,
+        user_id: &str,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<MemoryHit>, StoreError> {
+        let user = user_id.to_owned();
+        let query = query.to_owned();
+        self.read(move |conn| read_search(conn, &user, &query, limit))
+            .await
+    }
+
+    async fn memory_recall(
+        &self,
+        user_id: &str,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<MemoryItem>, StoreError> {
+        let user = user_id.to_owned();
+        let query = query.to_owned();
+        // One reader job: the search, then the best to fill up.
+        self.read(move |conn| {
+            let mut out: Vec<MemoryItem> = read_search(conn, &user, &query, limit)?
+                .into_iter()
+                .map(|h| h.item)
+                .collect();
+            if out.len() < limit {
+                for m in read_top(conn, &user, limit)? {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    if !out.iter().any(|o| o.id == m.id) {
+                        out.push(m);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn memory_mark_used(&self, ids: &[String], at: DateTime<Utc>) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids = ids.to_vec();
+        let at = to_micros(at);
+        self.write(WriteOp::Sql(Box::new(move |tx: &Transaction<'_>| {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE memories SET uses = uses + 1, last_used = ?2 WHERE id = ?1",
+            )?;
+            for id in &ids {
+                stmt.execute(params![id, at])?;
+            }
+            Ok(true)
+        })))
+        .await
+        .map(|_| ())
+    }
+
+    async fn forget_user(&self, user_id: &str) -> Result<u64, StoreError> {
+        let user = user_id.to_owned();
+        let out = Arc::new(AtomicU64::new(0));
+        let out2 = out.clone();
+        self.write(WriteOp::Sql(Box::new(move |tx: &Transaction<'_>| {
+            // The delete trigger takes each row out of the FTS index too.
+            let n = tx.execute("DELETE FROM memories WHERE user_id = ?1", [&user])?;
+            tx.execute("DELETE FROM users WHERE user_id = ?1", [&user])?;
+            out2.store(n as u64, Ordering::Relaxed);
+            Ok(true)
+        })))
+        .await?;
+        Ok(out.load(Ordering::Relaxed))
+    }
+
+    async fn user_get(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
+        let user = user_id.to_owned();
+        self.read(move |conn| read_user(conn, &user)).await
+    }
+
+    async fn user_update(
+        &self,
+        user_id: &str,
+        profile: &JsonMap,
+        preferences: &JsonMap,
+    ) -> Result<UserRecord, StoreError> {
+        let user = user_id.to_owned();
+        let (profile, preferences) = (profile.clone(), preferences.clone());
+        let out = Arc::new(Mutex::new(None));
+        let out2 = out.clone();
+        self.write(WriteOp::Sql(Box::new(move |tx: &Transaction<'_>| {
+            let mut rec = read_user(tx, &user)?.unwrap_or_else(|| UserRecord {
+                user_id: user.clone(),
+                ..Default::default()
+            });
+            for (k, v) in &profile {
+                rec.profile.insert(k.clone(), v.clone());
+            }
+            for (k, v) in &preferences {
+                rec.preferences.insert(k.clone(), v.clone());
+            }
+            rec.updated_at = super::now();
+            tx.prepare_cached(
+                "INSERT INTO users (user_id, profile, preferences, memories, updated_at) \
+                 VALUES (?1, ?2, ?3, 0, ?4) ON CONFLICT (user_id) DO UPDATE SET \
+                 profile = excluded.profile, preferences = excluded.preferences, \
+                 updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                user,
+                json_text(&rec.profile),
+                json_text(&rec.preferences),
+                to_micros(rec.updated_at)
+            ])?;
+            *out2.lock().unwrap_or_else(|p| p.into_inner()) = Some(rec);
+            Ok(true)
+        })))
+        .await?;
+        let rec = out.lock().unwrap_or_else(|p| p.into_inner()).take();
+        rec.ok_or_else(|| StoreError::Database("user update left no record".into()))
+    }
+}
+
+const MEMORY_COLUMNS: &str = "m.id, m.user_id, m.content, m.kind, m.subject, m.relevance, \
+    m.importance, m.score, m.created_at, m.last_used, m.uses, m.superseded_by, m.session_id";
+
+fn memory_row(row: &rusqlite::Row<'_>) -> Result<MemoryItem, StoreError> {
+    let kind: String = row.get(3)?;
+    Ok(MemoryItem {
+        id: row.get(0)?,
+        user_id: row.get(1)?,
+        content: row.get(2)?,
+        kind: MemoryKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("memory kind '{kind}'")))?,
+        subject: row.get(4)?,
+        relevance: row.get(5)?,
+        importance: row.get(6)?,
+        score: row.get(7)?,
+        created_at: from_micros(row.get(8)?),
+        last_used: row.get::<_, Option<i64>>(9)?.map(from_micros),
+        uses: row.get::<_, i64>(10)? as u64,
+        superseded_by: row.get(11)?,
+        session_id: row.get(12)?,
+    })
+}
+
+fn read_top(conn: &Connection, user: &str, limit: usize) -> Result<Vec<MemoryItem>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {MEMORY_COLUMNS} FROM memories m WHERE m.user_id = ?1 AND m.active = 1 \
+         ORDER BY m.score DESC, m.created_at DESC LIMIT ?2"
+    ))?;
+    let mut rows = stmt.query(params![user, limit as i64])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(memory_row(row)?);
+    }
+    Ok(out)
+}
+
+/// Matching memories considered per search: the user's newest active ones.
+const SEARCH_CANDIDATES: i64 = 256;
+
+/// Full-text search in two steps, so the cost does not grow with how many
+/// memories match: (1) the user's newest active memories containing any
+/// term — FTS5 walks its matches newest first (no ranking), skipping other
+/// users' and superseded ones, and stops at [`SEARCH_CANDIDATES`]; (2) BM25
+/// of those candidates (`bm25()` over the matches from the oldest candidate
+/// on), best first.
+fn read_search(
+    conn: &Connection,
+    user: &str,
+    query: &str,
+    limit: usize,
+) -> Result<Vec<MemoryHit>, StoreError> {
+    let terms = crate::memory::search_terms(query);
+    if terms.is_empty() || limit == 0 {
+        return Ok(Vec::new());
+    }
+    let fts: Vec<String> = terms.iter().map(|t| format!("\"{t}\"")).collect();
+    let fts = fts.join(" OR ");
+    let candidates: std::collections::HashSet<i64> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT f.rowid FROM memories_fts f CROSS JOIN memories m ON m.key = f.rowid \
+             WHERE memories_fts MATCH ?1 AND m.user_id = ?2 AND m.active = 1 \
+             ORDER BY f.rowid DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![fts, user, SEARCH_CANDIDATES], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let Some(oldest) = candidates.iter().min().copied() else {
+        return Ok(Vec::new());
+    };
+    let mut ranked: Vec<(i64, f64)> = Vec::with_capacity(candidates.len());
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT rowid, bm25(memories_fts) FROM memories_fts \
+             WHERE memories_fts MATCH ?1 AND rowid >= ?2",
+        )?;
+        let mut rows = stmt.query(params![fts, oldest])?;
+        while let Some(row) = rows.next()? {
+            let key: i64 = row.get(0)?;
+            if candidates.contains(&key) {
+                ranked.push((key, row.get(1)?));
+            }
+        }
+    }
+    // bm25() is lower for better matches; ties: newest first.
+    ranked.sort_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
+    ranked.truncate(limit);
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {MEMORY_COLUMNS} FROM memories m WHERE m.key = ?1"
+    ))?;
+    let mut out = Vec::with_capacity(ranked.len());
+    for (key, rank) in ranked {
+        let mut rows = stmt.query([key])?;
+        if let Some(row) = rows.next()? {
+            out.push(MemoryHit {
+                item: memory_row(row)?,
+                rank: -rank,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn read_user(conn: &Connection, user: &str) -> Result<Option<UserRecord>, StoreError> {
+    let row: Option<(String, String, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT profile, preferences, memories, updated_at FROM users WHERE user_id = ?1",
+        )?
+        .query_row([user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?;
+    let Some((profile, preferences, memories, updated_at)) = row else {
+        return Ok(None);
+    };
+    let map = |text: &str, what: &str| -> Result<JsonMap, StoreError> {
+        serde_json::from_str(text)
+            .map_err(|e| StoreError::Corrupt(format!("user '{user}': {what}: {e}")))
+    };
+    Ok(Some(UserRecord {
+        user_id: user.to_string(),
+        profile: map(&profile, "profile")?,
+        preferences: map(&preferences, "preferences")?,
+        memories: memories.max(0) as u64,
+        updated_at: from_micros(updated_at),
+    }))
+}
+
+/// One memory write (see [`Store::memory_put`]), inside the writer's transaction.
+fn apply_memory_put(
+    tx: &Transaction<'_>,
+    item: &MemoryItem,
+    max: i64,
+) -> Result<MemoryWrite, StoreError> {
+    let mut out = MemoryWrite::default();
+    if let Some(subject) = &item.subject {
+        let same: Vec<(String, String)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT id, content FROM memories WHERE user_id = ?1 AND subject = ?2 \
+                 AND kind = ?3 AND active = 1",
+            )?;
+            let rows = stmt.query_map(params![item.user_id, subject, item.kind.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let lower = item.content.to_lowercase();
+        if let Some((id, _)) = same.iter().find(|(_, c)| c.to_lowercase() == lower) {
+            out.duplicate_of = Some(id.clone());
+            return Ok(out);
+        }
+        let mut stmt =
+            tx.prepare_cached("UPDATE memories SET active = 0, superseded_by = ?2 WHERE id = ?1")?;
+        for (id, _) in same {
+            stmt.execute(params![id, item.id])?;
+            out.superseded.push(id);
+        }
+    }
+    tx.prepare_cached(
+        "INSERT INTO memories (id, user_id, content, kind, subject, relevance, \
+         importance, score, created_at, last_used, uses, active, superseded_by, session_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, NULL, ?12)",
+    )?
+    .execute(params![
+        item.id,
+        item.user_id,
+        item.content,
+        item.kind.as_str(),
+        item.subject,
+        item.relevance,
+        item.importance,
+        item.score,
+        to_micros(item.created_at),
+        item.last_used.map(to_micros),
+        item.uses as i64,
+        item.session_id,
+    ])?;
+    // The per-user count, so the limit is checked without counting rows.
+    let count: i64 = tx
+        .prepare_cached(
+            "INSERT INTO users (user_id, profile, preferences, memories, updated_at) \
+             VALUES (?1, '{}', '{}', 1, ?2) ON CONFLICT (user_id) DO UPDATE SET \
+             memories = memories + 1 RETURNING memories",
+        )?
+        .query_row(params![item.user_id, to_micros(super::now())], |r| r.get(0))?;
+    if count > max {
+        let doomed: Vec<(i64, String)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT key, id FROM memories WHERE user_id = ?1 \
+                 ORDER BY active, score, created_at, key LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![item.user_id, count - max], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut del = tx.prepare_cached("DELETE FROM memories WHERE key = ?1")?;
+        for (key, id) in doomed {
+            del.execute([key])?;
+            out.evicted.push(id);
+        }
+        tx.prepare_cached("UPDATE users SET memories = memories - ?2 WHERE user_id = ?1")?
+            .execute(params![item.user_id, out.evicted.len() as i64])?;
+    }
+    Ok(out)
 }

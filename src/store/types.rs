@@ -470,3 +470,112 @@ pub struct SegmentInfo {
     /// Its last message and that message's time (`None`: no message yet).
     pub tip: Option<(MessageId, DateTime<Utc>)>,
 }
+
+/// What a long-term memory records about a user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryKind {
+    /// Something true about the user ("lives in Lyon", "is called Al").
+    Fact,
+    /// Something the user likes, dislikes or prefers.
+    Preference,
+    /// Anything else the user or the application asked to remember.
+    Note,
+}
+
+impl MemoryKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryKind::Fact => "fact",
+            MemoryKind::Preference => "preference",
+            MemoryKind::Note => "note",
+        }
+    }
+
+    /// The kind stored as `s`.
+    pub fn parse(s: &str) -> Option<MemoryKind> {
+        Some(match s {
+            "fact" => MemoryKind::Fact,
+            "preference" => MemoryKind::Preference,
+            "note" => MemoryKind::Note,
+            _ => return None,
+        })
+    }
+}
+
+/// One long-term memory of one user. Memories outlive sessions: a new
+/// session of the same user recalls them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemoryItem {
+    /// The memory's id (a uuid).
+    pub id: String,
+    /// The user it belongs to; it never reaches another user's prompt.
+    pub user_id: String,
+    /// The text put into prompts ("User prefers Python over JavaScript").
+    pub content: String,
+    /// Fact, preference or note.
+    pub kind: MemoryKind,
+    /// What it is about ("favourite colour", "preference: programming
+    /// language"): a newer memory of the same kind and subject supersedes
+    /// an older one. `None`: never superseded.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// How useful it is for conversations, in [0, 1].
+    pub relevance: f64,
+    /// How much it matters, in [0, 1].
+    pub importance: f64,
+    /// The quality score it was given when stored (eviction order).
+    pub score: f64,
+    /// When it was learned.
+    pub created_at: DateTime<Utc>,
+    /// When it was last put into a prompt.
+    #[serde(default)]
+    pub last_used: Option<DateTime<Utc>>,
+    /// How many prompts it was put into.
+    #[serde(default)]
+    pub uses: u64,
+    /// The memory that replaced it, if any (kept as history, never retrieved).
+    #[serde(default)]
+    pub superseded_by: Option<String>,
+    /// The session it was learned in, if any.
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// What [`Store::memory_put`](super::Store::memory_put) did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryWrite {
+    /// An active memory of the same user, kind and subject already says the
+    /// same thing (case-insensitively): nothing was written.
+    pub duplicate_of: Option<String>,
+    /// Active memories of the same kind and subject now superseded by the new one.
+    pub superseded: Vec<String>,
+    /// Memories deleted to keep the user within the limit (superseded ones
+    /// first, then the lowest scores, oldest first). May include the new one.
+    pub evicted: Vec<String>,
+}
+
+/// A memory found by a search, with its text rank (higher is better).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemoryHit {
+    /// The memory.
+    pub item: MemoryItem,
+    /// How well it matches the query (SQLite: −bm25; memory store: matching terms).
+    pub rank: f64,
+}
+
+/// What a store keeps per user, across sessions: profile and preferences.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// The user.
+    pub user_id: String,
+    /// Profile fields (name, role, …).
+    pub profile: JsonMap,
+    /// Preferences (language, timezone, output format, …).
+    pub preferences: JsonMap,
+    /// How many memories (active and superseded) the user has.
+    pub memories: u64,
+    /// Last changed at.
+    pub updated_at: DateTime<Utc>,
+}
