@@ -616,12 +616,97 @@ async fn preferences_and_profile_are_patched_and_read_back() {
     assert_eq!(not_object.status, 400, "{not_object:?}");
     let unknown = api.get("/v1/sessions/nobody/preferences").await;
     assert_eq!(unknown.status, 404);
-    // Not built yet: a clear 501.
-    let a = api.get("/v1/sessions/prefs/analytics").await;
-    assert_eq!(a.status, 501, "{a:?}");
-    assert_eq!(a.code(), "not_implemented");
-    let m = api.get("/v1/users/alice/memories?q=tea").await;
-    assert_eq!(m.status, 501, "{m:?}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn memories_analytics_feedback_and_forgetting_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(config(dir.path()), None).await;
+    let server = start(&rt, Auth::off());
+    let api = Api::new(&server);
+    let created = api
+        .post(
+            "/v1/sessions",
+            json!({"session_id": "mem-a", "agent": "assistant", "user_id": "alice"}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{created:?}");
+    let reply = api
+        .post(
+            "/v1/sessions/mem-a/chat",
+            json!({"message": "My favourite colour is blue"}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+
+    // The conversation left a memory for alice, listed and searchable.
+    let listed = api.get("/v1/users/alice/memories").await;
+    assert_eq!(listed.status, 200, "{listed:?}");
+    let texts = listed.body["memories"].to_string();
+    assert!(texts.contains("blue"), "{texts}");
+    let added = api
+        .post(
+            "/v1/users/alice/memories",
+            json!({"text": "I prefer Python over JavaScript"}),
+        )
+        .await;
+    assert_eq!(added.status, 201, "{added:?}");
+    assert_eq!(added.body["outcome"], "stored");
+    let hits = api.get("/v1/users/alice/memories?q=python").await;
+    assert_eq!(hits.status, 200, "{hits:?}");
+    let hits_text = hits.body["hits"].to_string();
+    assert!(hits_text.contains("Python"), "{hits_text}");
+    assert!(!hits_text.contains("blue"), "{hits_text}");
+    // Another user has none of them.
+    let bob = api.get("/v1/users/bob/memories?q=python").await;
+    assert_eq!(bob.body["hits"], json!([]), "{bob:?}");
+    let empty = api
+        .post("/v1/users/alice/memories", json!({"text": " "}))
+        .await;
+    assert_eq!(empty.status, 400, "{empty:?}");
+
+    // Analytics and feedback.
+    let rated = api
+        .post(
+            "/v1/sessions/mem-a/feedback",
+            json!({"message_id": reply.body["message_id"], "score": 4}),
+        )
+        .await;
+    assert_eq!(rated.status, 204, "{rated:?}");
+    let bad = api
+        .post(
+            "/v1/sessions/mem-a/feedback",
+            json!({"message_id": "not-an-id", "score": 4}),
+        )
+        .await;
+    assert_eq!(bad.status, 400, "{bad:?}");
+    let a = api.get("/v1/sessions/mem-a/analytics").await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["interactions"], 1);
+    assert_eq!(a.body["messages"], 2);
+    assert_eq!(a.body["feedback"]["count"], 1);
+    assert_eq!(a.body["feedback"]["average"], 4.0);
+    assert!(a.body["agents"]["assistant"].is_object(), "{a:?}");
+    let ctx = api.get("/v1/sessions/mem-a/context").await;
+    assert_eq!(ctx.status, 200, "{ctx:?}");
+    assert_eq!(ctx.body["user_id"], "alice");
+    assert_eq!(ctx.body["interactions"], 1);
+    assert_eq!(api.get("/v1/sessions/nobody/analytics").await.status, 404);
+
+    // Forget alice with her sessions: nothing of hers is left.
+    let forgot = api
+        .call(Method::DELETE, "/v1/users/alice?sessions=true", None)
+        .await;
+    assert_eq!(forgot.status, 200, "{forgot:?}");
+    assert_eq!(forgot.body["sessions_deleted"], json!(["mem-a"]));
+    let after = api.get("/v1/users/alice/memories?q=python").await;
+    assert_eq!(after.body["hits"], json!([]), "{after:?}");
+    assert_eq!(
+        api.get("/v1/users/alice/memories").await.body["memories"],
+        json!([])
+    );
+    assert_eq!(api.get("/v1/sessions/mem-a").await.status, 404);
     server.stop().await.unwrap();
 }
 
@@ -833,6 +918,10 @@ const CONTRACT: &[(&str, &str)] = &[
     ("patch", "/v1/sessions/{id}/profile"),
     ("get", "/v1/sessions/{id}/analytics"),
     ("get", "/v1/users/{user}/memories"),
+    ("post", "/v1/users/{user}/memories"),
+    ("delete", "/v1/users/{user}"),
+    ("get", "/v1/sessions/{id}/context"),
+    ("post", "/v1/sessions/{id}/feedback"),
     ("get", "/v1/state/{ns}/{key}"),
     ("put", "/v1/state/{ns}/{key}"),
     ("delete", "/v1/state/{ns}/{key}"),

@@ -172,8 +172,14 @@ pub fn table() -> Vec<RouteSpec> {
             })
         })
         .with_body(|| json!({"name": "Alice"})),
-        r(Get, "/v1/sessions/{id}/analytics", OwnSession, 200, "Session analytics (501 until built)", |r| r.to(sessions::analytics)),
-        r(Get, "/v1/users/{user}/memories", Admin, 200, "Search a user's memories (501 until built)", |r| r.to(sessions::user_memories)),
+        r(Get, "/v1/sessions/{id}/analytics", OwnSession, 200, "Session analytics: turns, duration, per-agent messages/latency/tokens, topics, feedback", |r| r.to(sessions::analytics)),
+        r(Get, "/v1/sessions/{id}/context", OwnSession, 200, "What the agent sees of the user: profile, preferences, topics, duration", |r| r.to(sessions::context)),
+        r(Post, "/v1/sessions/{id}/feedback", OwnSession, 204, "Rate a reply: {message_id, score}", |r| r.to(sessions::feedback))
+            .with_body(|| json!({"message_id": "3f9a01c2.1", "score": 5})),
+        r(Get, "/v1/users/{user}/memories", Admin, 200, "A user's memories (?q= full-text search, ?limit=)", |r| r.to(sessions::user_memories)),
+        r(Post, "/v1/users/{user}/memories", Admin, 201, "Add a memory: {text} (200 if duplicate or below the threshold)", |r| r.to(sessions::add_user_memory))
+            .with_body(|| json!({"text": "I prefer Python over JavaScript"})),
+        r(Delete, "/v1/users/{user}", Admin, 200, "Forget a user's memories and profile (?sessions=true: and their sessions)", |r| r.to(sessions::forget_user)),
         r(Get, "/v1/state/{ns}", Admin, 200, "Entries of a namespace (?prefix=)", |r| r.to(state::list)),
         r(Get, "/v1/state/{ns}/{key}", Admin, 200, "A key's value and version (ETag)", |r| r.to(state::get)),
         r(Put, "/v1/state/{ns}/{key}", Admin, 200, "Set a key (If-Match / If-None-Match: *)", |r| r.to(state::put))

@@ -544,36 +544,113 @@ pub(crate) async fn patch_map(
     Ok(HttpResponse::Ok().json(read_map(&session, which).await?))
 }
 
-/// `GET /v1/sessions/{id}/analytics`.
-///
-/// NOT WIRED YET: session analytics are being built in `memory` in
-/// parallel; replace this body with a call into it. Until then: 501.
+/// `GET /v1/sessions/{id}/analytics`: interactions, duration, messages,
+/// latency and tokens per agent, topics, feedback.
 pub(crate) async fn analytics(
     state: Data,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    open_existing(&state, &id).await?;
-    Err(ApiError::NotImplemented(format!(
-        "analytics for session '{id}' are not available yet in the daemon"
-    )))
+    let session = open_existing(&state, &id).await?;
+    Ok(HttpResponse::Ok().json(session.analytics().await?))
+}
+
+/// `GET /v1/sessions/{id}/context`: what the agent sees of the user
+/// (profile, preferences, recent topics, duration, interactions).
+pub(crate) async fn context(state: Data, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let session = open_existing(&state, &id).await?;
+    Ok(HttpResponse::Ok().json(session.build_context().await?))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct FeedbackBody {
+    message_id: String,
+    score: f64,
+}
+
+/// `POST /v1/sessions/{id}/feedback` `{"message_id", "score"}` → 204.
+pub(crate) async fn feedback(
+    state: Data,
+    id: web::Path<String>,
+    body: web::Json<FeedbackBody>,
+) -> Result<HttpResponse, ApiError> {
+    let message_id: MessageId = body.message_id.parse().map_err(ApiError::BadRequest)?;
+    let session = open_existing(&state, &id).await?;
+    session.feedback(message_id, body.score).await?;
+    Ok(HttpResponse::NoContent().finish())
 }
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct MemoryQuery {
     #[serde(default)]
     q: String,
+    limit: Option<usize>,
 }
 
-/// `GET /v1/users/{user}/memories?q=`.
-///
-/// NOT WIRED YET: long-term memory is being built in `memory` in parallel;
-/// replace this body with a search into it. Until then: 501.
+/// `GET /v1/users/{user}/memories?q=&limit=`: the user's memories, best
+/// first; with `q`, a full-text search ranked by relevance.
 pub(crate) async fn user_memories(
+    state: Data,
     user: web::Path<String>,
     q: web::Query<MemoryQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotImplemented(format!(
-        "memory search (user '{user}', q={:?}) is not available yet in the daemon",
-        q.q
-    )))
+    crate::memory::validate_user_id(&user)?;
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit={limit}: use 1 to 1000"
+        )));
+    }
+    let memories = state.rt.memories();
+    if q.q.trim().is_empty() {
+        let mut all = memories.list(&user).await?;
+        all.truncate(limit);
+        return Ok(HttpResponse::Ok().json(json!({ "user_id": *user, "memories": all })));
+    }
+    let hits = memories.search(&user, &q.q, limit).await?;
+    Ok(HttpResponse::Ok().json(json!({ "user_id": *user, "query": q.q, "hits": hits })))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct AddMemoryBody {
+    text: String,
+}
+
+/// `POST /v1/users/{user}/memories` `{"text"}`: scored like a memory the
+/// conversation yields; 201 when stored, 200 when a duplicate or below the
+/// quality threshold (the body says which).
+pub(crate) async fn add_user_memory(
+    state: Data,
+    user: web::Path<String>,
+    body: web::Json<AddMemoryBody>,
+) -> Result<HttpResponse, ApiError> {
+    crate::memory::validate_user_id(&user)?;
+    if body.text.trim().is_empty() {
+        return Err(ApiError::BadRequest("the memory text is empty".into()));
+    }
+    let outcome = state.rt.memories().add(&user, &body.text).await?;
+    let stored = matches!(outcome, crate::memory::AddOutcome::Stored { .. });
+    let mut resp = if stored {
+        HttpResponse::Created()
+    } else {
+        HttpResponse::Ok()
+    };
+    Ok(resp.json(outcome))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ForgetQuery {
+    #[serde(default)]
+    sessions: bool,
+}
+
+/// `DELETE /v1/users/{user}?sessions=true`: forget the user's memories and
+/// profile (and, with `sessions`, their sessions and checkpoints).
+pub(crate) async fn forget_user(
+    state: Data,
+    user: web::Path<String>,
+    q: web::Query<ForgetQuery>,
+) -> Result<HttpResponse, ApiError> {
+    crate::memory::validate_user_id(&user)?;
+    let report = state.rt.forget_user(&user, q.sessions).await?;
+    Ok(HttpResponse::Ok().json(report))
 }
