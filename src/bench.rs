@@ -55,6 +55,9 @@ pub enum Scenario {
     /// Long-term memory: search over 100,000 memories of one user; the
     /// extra cost of memory in a turn.
     Memory,
+    /// The daemon on loopback: chat requests over HTTP from `--connections`
+    /// connections spread over `--sessions` sessions, every turn durable (W5).
+    Http,
 }
 
 /// Options of `troupe bench`.
@@ -82,6 +85,12 @@ pub struct BenchOptions {
     /// Directory for the benchmark's SQLite files (default: a fresh one in the system temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Client connections (http).
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Measured seconds, after a 2 s warm-up (http).
+    #[arg(long, default_value_t = 10)]
+    pub secs: u64,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -97,6 +106,8 @@ impl Default for BenchOptions {
             idle_sessions: 100_000,
             memory_store: false,
             dir: None,
+            connections: 64,
+            secs: 10,
             json: false,
         }
     }
@@ -265,6 +276,8 @@ pub struct BenchReport {
     pub workflow: Option<WorkflowBench>,
     /// Long-term memory.
     pub memory: Option<MemoryBench>,
+    /// W5: the daemon under load.
+    pub http: Option<crate::server::load::LoadReport>,
 }
 
 struct Workdir {
@@ -342,6 +355,20 @@ pub async fn run(config: Config, opts: &BenchOptions) -> Result<BenchReport> {
     }
     if wants(Scenario::Memory) {
         report.memory = Some(memory_bench(&config, &work.path, opts.samples).await?);
+    }
+    if wants(Scenario::Http) {
+        let db = work.path.join("http.db");
+        let rt = runtime(&config, &db, SyncMode::Full).await?;
+        report.http = Some(
+            crate::server::load::w5(
+                rt,
+                opts.sessions.max(1),
+                opts.connections.max(1),
+                Duration::from_secs(2),
+                Duration::from_secs(opts.secs.max(1)),
+            )
+            .await?,
+        );
     }
     if wants(Scenario::IdleMemory) {
         report.idle_memory = Some(idle_memory(&config, &work.path, opts.idle_sessions).await?);
@@ -908,6 +935,23 @@ pub fn print(report: &BenchReport) {
         println!("  turn, memory off: {}", show(&m.turn_without));
         println!("  turn, memory on:  {}", show(&m.turn_with));
         println!("  extra per turn (p50): {:.1} µs", m.extra_p50_us);
+    }
+    if let Some(h) = &report.http {
+        println!(
+            "daemon (W5): {:.0} chat requests/s over HTTP, {} connections, {} sessions, sync=full; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.1} ms; {} errors{}",
+            h.req_per_sec,
+            h.connections,
+            h.sessions,
+            h.p50_ms,
+            h.p90_ms,
+            h.p99_ms,
+            h.max_ms,
+            h.errors,
+            h.first_error
+                .as_deref()
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default()
+        );
     }
     if let Some(m) = &report.idle_memory {
         println!(

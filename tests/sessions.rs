@@ -315,6 +315,50 @@ async fn streaming_delivers_pieces_then_a_durable_done() {
 }
 
 #[tokio::test]
+async fn an_attached_handle_chats_without_open_and_keeps_no_actor_for_a_missing_session() {
+    let rt = Runtime::builder().memory_store().build().await.unwrap();
+    rt.session("there")
+        .open()
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    // An existing session: the attached handle chats and sees the history.
+    let s = rt.session("there").attach().unwrap();
+    s.chat("one").await.unwrap();
+    let r = s.chat("two").await.unwrap();
+    assert!(r.reply.contains("2 earlier messages"), "{}", r.reply);
+    // A missing one: the turn fails as not found, nothing is created, and
+    // no actor stays live for it.
+    s.close().await.unwrap();
+    let missing = rt.session("nobody").attach().unwrap();
+    let err = missing.chat("hello").await.unwrap_err();
+    assert!(
+        matches!(err, Error::SessionNotFound(ref id) if id == "nobody"),
+        "{err}"
+    );
+    let mut stream = Box::pin(missing.chat_stream("hello").await.unwrap());
+    let first = stream.next().await.unwrap();
+    assert!(matches!(first, Err(Error::SessionNotFound(_))), "{first:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rt.live_sessions() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} live actors remain",
+            rt.live_sessions()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(rt.session("nobody").existing().open().await.is_err());
+    // Options that need `open` are refused, naming the session.
+    let err = rt.session("there").user("u").attach().unwrap_err();
+    assert!(err.to_string().contains("there"), "{err}");
+    assert!(rt.session("bad id!").attach().is_err());
+    rt.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn bad_input_is_refused_clearly() {
     let rt = Runtime::builder().memory_store().build().await.unwrap();
     for bad in ["../etc/passwd", "a/b", "", ".hidden", &"x".repeat(200)] {

@@ -272,7 +272,10 @@ pub(crate) async fn chat(
     body: web::Json<ChatBody>,
 ) -> Result<HttpResponse, ApiError> {
     let ChatBody { message, agent } = body.into_inner();
-    let session = open_existing(&state, &id).await?;
+    // No `Open` round trip on the hot path: an unknown session fails the
+    // turn itself with SessionNotFound (404) and keeps nothing alive.
+    validate_session_id(&id)?;
+    let session = state.rt.session(id.as_str()).attach()?;
     if !sse::wants_stream(&req) {
         let r = turn(&state, &session, agent.as_deref(), message).await?;
         return Ok(HttpResponse::Ok().json(json!({

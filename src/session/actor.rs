@@ -132,6 +132,15 @@ impl SessionActor {
         Ok(b)
     }
 
+    /// A turn sent to a session that does not exist (through a handle from
+    /// [`SessionBuilder::attach`](super::SessionBuilder::attach)) keeps no
+    /// actor alive for it, as `Open { create: false }` does not.
+    fn leave_if_absent(&mut self, ctx: &mut Context<Self>) {
+        if matches!(self.phase, Phase::Absent) {
+            self.leave_soon(ctx);
+        }
+    }
+
     /// Prefers these bindings for their agents' names.
     fn use_agents(&mut self, bindings: &[Arc<AgentBinding>]) {
         for b in bindings {
@@ -781,11 +790,14 @@ fn finish_turn(act: &mut SessionActor, applied: Applied) -> ChatReply {
 impl Handler<Chat> for SessionActor {
     type Result = Reply<ChatReply>;
 
-    fn handle(&mut self, msg: Chat, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Chat, ctx: &mut Context<Self>) -> Self::Result {
         self.last_active = Instant::now();
         let (plan, request) = match self.plan_turn(msg.message, msg.agent.as_deref()) {
             Ok(p) => p,
-            Err(e) => return done(Err(e)),
+            Err(e) => {
+                self.leave_if_absent(ctx);
+                return done(Err(e));
+            }
         };
         let addr = plan.binding.addr(self.arbiter);
         let store = self.core.store.clone();
@@ -839,12 +851,13 @@ pub(crate) struct ChatStream {
 impl Handler<ChatStream> for SessionActor {
     type Result = AtomicResponse<SessionActor, ()>;
 
-    fn handle(&mut self, msg: ChatStream, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: ChatStream, ctx: &mut Context<Self>) -> Self::Result {
         self.last_active = Instant::now();
         let tx = msg.tx;
         let (plan, request) = match self.plan_turn(msg.message, msg.agent.as_deref()) {
             Ok(p) => p,
             Err(e) => {
+                self.leave_if_absent(ctx);
                 let _ = tx.send(Err(e));
                 return AtomicResponse::new(Box::pin(fut::ready(())));
             }

@@ -328,6 +328,34 @@ impl SessionBuilder {
         Ok(session)
     }
 
+    /// A handle to an existing session without a round trip to its actor
+    /// (what [`open`](Self::open) with [`existing`](Self::existing) costs):
+    /// for a hot path that sends one call per handle, like the daemon's chat
+    /// route. The session is not checked here: the first call on a session
+    /// that does not exist fails with [`Error::SessionNotFound`] and keeps
+    /// nothing alive. The builder's user, agents and shared-state options
+    /// need [`open`](Self::open); setting any of them here is an error.
+    pub fn attach(self) -> Result<Session> {
+        let id = self.id.ok_or_else(|| {
+            Error::InvalidRequest("attach needs a session id (rt.session(id))".into())
+        })?;
+        validate_session_id(&id)?;
+        if self.user_id.is_some()
+            || !self.agents.is_empty()
+            || !self.agent_names.is_empty()
+            || self.shared_state.is_some()
+            || self.persist_memory.is_some()
+        {
+            return Err(Error::InvalidRequest(format!(
+                "session '{id}': attach takes no user, agents, shared state or memory options; use open()"
+            )));
+        }
+        Ok(Session {
+            rt: self.rt,
+            id: Arc::from(id.as_str()),
+        })
+    }
+
     /// Opens the session, runs `body` with it, and closes it afterwards —
     /// also when `body` fails. Every turn is durable when acknowledged, so
     /// closing only releases the live actor.
