@@ -255,6 +255,11 @@ pub struct MemoryBench {
     pub turn_with: Latency,
     /// `turn_with.p50 - turn_without.p50`, microseconds.
     pub extra_p50_us: f64,
+    /// A turn with long-term memory on for a user with 1,000 memories (the
+    /// default `memory.max_memories`).
+    pub turn_with_1k: Latency,
+    /// `turn_with_1k.p50 - turn_without.p50`, microseconds.
+    pub extra_p50_1k_us: f64,
 }
 
 /// Everything measured.
@@ -712,6 +717,8 @@ impl Rng {
 async fn memory_bench(config: &Config, dir: &Path, samples: usize) -> Result<MemoryBench> {
     const N: usize = 100_000;
     const USER: &str = "bench-user";
+    const SMALL: usize = 1_000;
+    const USER_SMALL: &str = "bench-user-1k";
     let mut c = config.clone();
     c.checkpoint.every = 0;
     c.memory.max_memories = 2 * N;
@@ -762,6 +769,33 @@ async fn memory_bench(config: &Config, dir: &Path, samples: usize) -> Result<Mem
             .map_err(|e| Error::Runtime(format!("bench task failed: {e}")))??;
     }
     let load_secs = t.elapsed().as_secs_f64();
+    // A second user at the default cap (`memory.max_memories` = 1,000): the
+    // common case of a turn with memory.
+    for i in 0..SMALL {
+        let text: Vec<&str> = (0..5)
+            .map(|_| words[rng.next(words.len())].as_str())
+            .collect();
+        let item = crate::memory::MemoryItem {
+            id: format!("bench-small-{i}"),
+            user_id: USER_SMALL.into(),
+            content: format!(
+                "User mentioned {} and {}",
+                text[..3].join(" "),
+                text[3..].join(" ")
+            ),
+            kind: crate::memory::MemoryKind::Note,
+            subject: None,
+            relevance: 0.5,
+            importance: (i % 100) as f64 / 100.0,
+            score: 0.5 + (i % 100) as f64 / 200.0,
+            created_at: crate::store::now(),
+            last_used: None,
+            uses: 0,
+            superseded_by: None,
+            session_id: None,
+        };
+        store.memory_put(&item, 2 * N).await?;
+    }
     let query = |rng: &mut Rng| {
         format!(
             "What about {} and the {} {}?",
@@ -807,8 +841,18 @@ async fn memory_bench(config: &Config, dir: &Path, samples: usize) -> Result<Mem
         .persist_memory(true)
         .open()
         .await?;
+    let on_small = rt
+        .session("memory-on-1k")
+        .user(USER_SMALL)
+        .persist_memory(true)
+        .open()
+        .await?;
     let turns = n.min(2000);
-    let (mut without, mut with) = (Vec::with_capacity(turns), Vec::with_capacity(turns));
+    let (mut without, mut with, mut with_small) = (
+        Vec::with_capacity(turns),
+        Vec::with_capacity(turns),
+        Vec::with_capacity(turns),
+    );
     for i in 0..turns + 100 {
         // Questions: nothing for the extractor to learn, words to recall by.
         let q = query(&mut rng);
@@ -816,23 +860,33 @@ async fn memory_bench(config: &Config, dir: &Path, samples: usize) -> Result<Mem
         off.chat(q.clone()).await?;
         let a = t.elapsed();
         let t = Instant::now();
-        on.chat(q).await?;
+        on.chat(q.clone()).await?;
         let b = t.elapsed();
+        let t = Instant::now();
+        on_small.chat(q).await?;
+        let c = t.elapsed();
         if i >= 100 {
             without.push(a);
             with.push(b);
+            with_small.push(c);
         }
     }
     rt.shutdown().await?;
-    let (turn_without, turn_with) = (Latency::from(without), Latency::from(with));
+    let (turn_without, turn_with, turn_with_1k) = (
+        Latency::from(without),
+        Latency::from(with),
+        Latency::from(with_small),
+    );
     Ok(MemoryBench {
         memories: N,
         load_secs,
         search: Latency::from(search),
         recall: Latency::from(recall),
         extra_p50_us: turn_with.p50_us - turn_without.p50_us,
+        extra_p50_1k_us: turn_with_1k.p50_us - turn_without.p50_us,
         turn_without,
         turn_with,
+        turn_with_1k,
     })
 }
 
@@ -933,8 +987,18 @@ pub fn print(report: &BenchReport) {
         println!("  search (BM25, top 5): {}", show(&m.search));
         println!("  recall (search + best-scoring fill): {}", show(&m.recall));
         println!("  turn, memory off: {}", show(&m.turn_without));
-        println!("  turn, memory on:  {}", show(&m.turn_with));
-        println!("  extra per turn (p50): {:.1} µs", m.extra_p50_us);
+        println!(
+            "  turn, memory on (100,000 memories):  {}",
+            show(&m.turn_with)
+        );
+        println!(
+            "  turn, memory on (1,000 memories):    {}",
+            show(&m.turn_with_1k)
+        );
+        println!(
+            "  extra per turn (p50): {:.1} µs at 100,000 memories, {:.1} µs at 1,000",
+            m.extra_p50_us, m.extra_p50_1k_us
+        );
     }
     if let Some(h) = &report.http {
         println!(

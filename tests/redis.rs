@@ -11,7 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::{Stream, StreamExt};
 use troupe::config::{Config, StoreBackend};
+use troupe::state::SharedChange;
 use troupe::store::{
     new_segment_id, now, CheckpointKind, CheckpointRecord, Commit, Message, MessageId,
     RedisOptions, RedisStore, Role, Segment, SessionRecord, Store, StoreError,
@@ -639,6 +641,184 @@ async fn a_runtime_on_a_dead_redis_answers_turns_with_a_clear_error() {
         .collect();
     assert_eq!(texts, ["saved", "after"]);
     drop(rt);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+// ---- shared state across nodes ----
+
+fn change(key: &str, version: u64, value: Option<serde_json::Value>) -> SharedChange {
+    SharedChange {
+        key: key.into(),
+        value,
+        version,
+    }
+}
+
+/// Reads `sub` until a change of `until` arrives (each within 10 s).
+async fn changes_until<S>(sub: &mut S, until: &str) -> Vec<SharedChange>
+where
+    S: Stream<Item = troupe::Result<SharedChange>> + Unpin,
+{
+    let mut out = Vec::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("no change of '{until}' within 10 s; got {out:?}"))
+            .expect("the subscription ended")
+            .expect("a change, not an error");
+        let done = next.key == until;
+        out.push(next);
+        if done {
+            return out;
+        }
+    }
+}
+
+fn of_key(changes: &[SharedChange], key: &str) -> Vec<SharedChange> {
+    changes.iter().filter(|c| c.key == key).cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_sees_every_nodes_shared_state_changes_once_in_order() {
+    let Some(url) = redis_url("a_subscriber_sees_every_nodes_shared_state_changes_once_in_order")
+    else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let a = Runtime::builder()
+        .config(redis_config(&url, &prefix, "a"))
+        .build()
+        .await
+        .unwrap();
+    let b = Runtime::builder()
+        .config(redis_config(&url, &prefix, "b"))
+        .build()
+        .await
+        .unwrap();
+    let (sa, sb) = (a.shared_state("board"), b.shared_state("board"));
+    // Written before the subscription: not a change the subscriber sees.
+    assert_eq!(sb.set("k", "zero").await.unwrap(), 1);
+    let mut sub = Box::pin(sa.subscribe().await.unwrap());
+
+    // Set, compare-and-set (one refused) and delete through B only.
+    assert_eq!(sb.set("k", "one").await.unwrap(), 2);
+    assert_eq!(sb.compare_and_set("k", 2, "two").await.unwrap(), 3);
+    let stale = sb.compare_and_set("k", 2, "stale").await.unwrap_err();
+    assert!(stale.is_version_mismatch(), "{stale}");
+    assert!(sb.delete("k").await.unwrap());
+    assert_eq!(sb.set("end-1", true).await.unwrap(), 1);
+    let got = changes_until(&mut sub, "end-1").await;
+    assert_eq!(
+        got,
+        [
+            change("k", 2, Some("one".into())),
+            change("k", 3, Some("two".into())),
+            change("k", 4, None),
+            change("end-1", 1, Some(true.into())),
+        ]
+    );
+
+    // Both nodes write the same keys in turn: A's own writes come once (not
+    // again when Redis reports them back), B's between them, each key in
+    // version order with no gap. B's last write closes the round: the feed
+    // delivers in Redis's order, so everything else came before it.
+    for i in 0..20u64 {
+        let (first, second) = if i % 2 == 0 { (&sa, &sb) } else { (&sb, &sa) };
+        assert_eq!(first.set("x", i).await.unwrap(), i + 1);
+        assert_eq!(second.set("y", i).await.unwrap(), i + 1);
+    }
+    assert_eq!(sa.set("k", "back").await.unwrap(), 5);
+    assert_eq!(sb.set("end-2", true).await.unwrap(), 1);
+    let got = changes_until(&mut sub, "end-2").await;
+    for key in ["x", "y"] {
+        let expected: Vec<SharedChange> = (0..20u64)
+            .map(|i| change(key, i + 1, Some(i.into())))
+            .collect();
+        assert_eq!(of_key(&got, key), expected, "changes of '{key}'");
+    }
+    assert_eq!(of_key(&got, "k"), [change("k", 5, Some("back".into()))]);
+    assert_eq!(got.len(), 42, "{got:?}");
+
+    // A second subscriber on A starts from now, and sees B's next write once.
+    let mut late = Box::pin(sa.subscribe().await.unwrap());
+    assert_eq!(sb.set("end-3", 3).await.unwrap(), 1);
+    assert_eq!(
+        changes_until(&mut late, "end-3").await,
+        [change("end-3", 1, Some(3.into()))]
+    );
+    assert_eq!(
+        changes_until(&mut sub, "end-3").await,
+        [change("end-3", 1, Some(3.into()))]
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    let store = open(options(&url, &prefix, "cleanup")).await;
+    store.delete_all_keys().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_state_subscriptions_survive_a_redis_restart() {
+    if redis_url("shared_state_subscriptions_survive_a_redis_restart").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = start_redis(port, dir.path());
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let a = Runtime::builder()
+        .config(redis_config(&url, "shared-outage:", "a"))
+        .build()
+        .await
+        .unwrap();
+    let b = Runtime::builder()
+        .config(redis_config(&url, "shared-outage:", "b"))
+        .build()
+        .await
+        .unwrap();
+    let (sa, sb) = (a.shared_state("ns"), b.shared_state("ns"));
+    let mut sub = Box::pin(sa.subscribe().await.unwrap());
+    assert_eq!(sb.set("k", 1).await.unwrap(), 1);
+    assert_eq!(
+        changes_until(&mut sub, "k").await,
+        [change("k", 1, Some(1.into()))]
+    );
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(sb.set("k", 2).await.is_err(), "a write with Redis down");
+    let mut server = start_redis(port, dir.path());
+    // B's first write after the restart may land before A's feed is back:
+    // then A finds it when it re-reads the namespace. Either way, once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        match sb.set("k", 2).await {
+            Ok(v) => break v,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "B does not recover: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(v, 2);
+    assert_eq!(
+        changes_until(&mut sub, "k").await,
+        [change("k", 2, Some(2.into()))]
+    );
+    // And the live feed is back: a later write arrives through it.
+    eventually("the feed to reconnect", Duration::from_secs(10), || {
+        let sb = sb.clone();
+        async move { sb.set("tick", 0).await.is_ok() }
+    })
+    .await;
+    let got = changes_until(&mut sub, "tick").await;
+    assert!(got.iter().all(|c| c.key == "tick"), "{got:?}");
+    assert_eq!(sb.set("k", 3).await.unwrap(), 3);
+    assert_eq!(
+        changes_until(&mut sub, "k").await,
+        [change("k", 3, Some(3.into()))]
+    );
+    drop((a, b));
     let _ = server.kill();
     let _ = server.wait();
 }

@@ -844,3 +844,73 @@ async fn sqlite_store_meets_the_memory_contract() {
         1
     );
 }
+
+#[tokio::test]
+async fn redis_store_meets_the_memory_contract() {
+    let Some(store) = redis_store("redis_store_meets_the_memory_contract").await else {
+        return;
+    };
+    memory_contract(store.clone()).await;
+    // Forgetting leaves no key of the user: neither its own keys (hash tag
+    // `{alice}`) nor the id → user index entries of its memories.
+    let bob: Vec<String> = store
+        .memory_list("bob", true)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(store.forget_user("alice").await.unwrap(), 1);
+    let keys = store.keys().await.unwrap();
+    assert!(
+        keys.iter().all(|k| !k.contains("{alice}")),
+        "alice's keys left: {keys:?}"
+    );
+    let mut index: Vec<String> = keys
+        .iter()
+        .filter_map(|k| k.split_once(":mi:").map(|(_, id)| id.to_string()))
+        .collect();
+    index.sort();
+    assert_eq!(index, bob, "the memory index holds only bob's: {keys:?}");
+    store.delete_all_keys().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_memory_writes_of_one_user_from_many_tasks_lose_nothing() {
+    let Some(store) =
+        redis_store("redis_memory_writes_of_one_user_from_many_tasks_lose_nothing").await
+    else {
+        return;
+    };
+    // 30 concurrent puts under a limit of 20: exactly 20 stay, 10 evicted.
+    let puts = (0..30).map(|i| {
+        let store = store.clone();
+        async move {
+            let m = memory_item("dana", &format!("User fact number {i}"), None, 0.5);
+            store.memory_put(&m, 20).await.unwrap()
+        }
+    });
+    let writes = futures::future::join_all(puts).await;
+    let evicted: usize = writes.iter().map(|w| w.evicted.len()).sum();
+    assert_eq!(evicted, 10);
+    let left = store.memory_list("dana", true).await.unwrap();
+    assert_eq!(left.len(), 20);
+    assert_eq!(store.user_get("dana").await.unwrap().unwrap().memories, 20);
+    // Concurrent usage marks: none lost.
+    let id = left[0].id.clone();
+    let marks = (0..25).map(|_| {
+        let store = store.clone();
+        let id = id.clone();
+        async move { store.memory_mark_used(&[id], troupe_now()).await.unwrap() }
+    });
+    futures::future::join_all(marks).await;
+    let used = store
+        .memory_list("dana", true)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| m.id == id)
+        .unwrap();
+    assert_eq!(used.uses, 25);
+    store.delete_all_keys().await.unwrap();
+}

@@ -17,32 +17,51 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use futures::Stream;
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::error::{Error, Result};
+pub use crate::store::SharedChange;
 use crate::store::{SharedEntry, Store};
 
-/// One change to a namespace, as subscribers see it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SharedChange {
-    /// The key.
-    pub key: String,
-    /// The new value (`None`: deleted).
-    pub value: Option<serde_json::Value>,
-    /// The key's version after the change.
-    pub version: u64,
+/// How long an own write waits for the other nodes' earlier versions of its
+/// key before it is shown anyway (only if the store's change feed stalls).
+const HOLD: Duration = Duration::from_secs(2);
+
+/// Whether the namespace's changes also come from other nodes.
+enum Feed {
+    /// Nobody subscribed yet: the store was not asked.
+    Unasked,
+    /// The store has no feed (one process): own writes are all there is.
+    Local,
+    /// The store reports every node's writes ([`Store::shared_changes`]).
+    Remote,
 }
 
 /// The actor owning one namespace.
+///
+/// With a store shared by several nodes (Redis), subscribers see every
+/// node's changes: the first subscription attaches the store's change feed
+/// ([`Store::shared_changes`]), and the actor merges it with its own writes —
+/// each `(key, version)` is shown once (a key's versions only grow, so
+/// anything at or below the last version shown is a repeat), in version order
+/// per key. An own write whose predecessor has not been shown yet (another
+/// node wrote in between, and its change is still on the way) is held until
+/// the feed catches up, or for 2 s at most.
 pub struct SharedStateActor {
     namespace: Arc<str>,
     store: Arc<dyn Store>,
     changes: broadcast::Sender<SharedChange>,
+    feed: Feed,
+    /// With a remote feed: the last version shown of each key.
+    shown: HashMap<String, u64>,
+    /// With a remote feed: own writes waiting for earlier versions.
+    held: BTreeMap<(String, u64), SharedChange>,
 }
 
 impl Actor for SharedStateActor {
@@ -56,7 +75,93 @@ impl SharedStateActor {
             namespace,
             store,
             changes,
+            feed: Feed::Unasked,
+            shown: HashMap::new(),
+            held: BTreeMap::new(),
         }
+    }
+
+    fn show(&mut self, c: SharedChange) {
+        self.shown.insert(c.key.clone(), c.version);
+        let _ = self.changes.send(c);
+    }
+
+    /// A write made through this actor succeeded.
+    fn own_change(&mut self, c: SharedChange, ctx: &mut Context<Self>) {
+        if !matches!(self.feed, Feed::Remote) {
+            let _ = self.changes.send(c);
+            return;
+        }
+        let last = self.shown.get(&c.key).copied();
+        if last.is_some_and(|l| l >= c.version) {
+            return; // the feed brought it first
+        }
+        if c.version == 1 || last == Some(c.version - 1) {
+            self.show(c);
+            return;
+        }
+        // Versions before this one are still on their way through the feed
+        // (or came before the subscription): wait for them, or for HOLD.
+        let at = (c.key.clone(), c.version);
+        self.held.insert(at.clone(), c);
+        ctx.run_later(HOLD, move |act, _| act.release_held(&at.0, at.1));
+    }
+
+    /// Shows the held writes of `key` up to `version` that are still new.
+    fn release_held(&mut self, key: &str, version: u64) {
+        let due: Vec<(String, u64)> = self
+            .held
+            .range((key.to_string(), 0)..=(key.to_string(), version))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for at in due {
+            if let Some(c) = self.held.remove(&at) {
+                if self.shown.get(&c.key).is_none_or(|&l| l < c.version) {
+                    self.show(c);
+                }
+            }
+        }
+    }
+
+    /// A change reported by the store's feed (any node's, own ones too).
+    fn feed_change(&mut self, c: SharedChange) {
+        if self.shown.get(&c.key).is_some_and(|&l| l >= c.version) {
+            return;
+        }
+        let (key, version) = (c.key.clone(), c.version);
+        self.show(c);
+        // Own writes held for this or an earlier version are shown or superseded.
+        let stale: Vec<(String, u64)> = self
+            .held
+            .range((key.clone(), 0)..=(key.clone(), version))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for at in stale {
+            self.held.remove(&at);
+        }
+        // Own writes held for the versions right after it are due now.
+        let mut next = version + 1;
+        while let Some(c) = self.held.remove(&(key.clone(), next)) {
+            self.show(c);
+            next += 1;
+        }
+    }
+}
+
+impl StreamHandler<SharedChange> for SharedStateActor {
+    fn handle(&mut self, c: SharedChange, _: &mut Context<Self>) {
+        self.feed_change(c);
+    }
+
+    /// The store dropped the feed (it is shutting down): own writes only.
+    fn finished(&mut self, _: &mut Context<Self>) {
+        self.feed = Feed::Local;
+        for (_, c) in std::mem::take(&mut self.held) {
+            if self.shown.get(&c.key).is_none_or(|&l| l < c.version) {
+                self.show(c);
+            }
+        }
+        self.shown.clear();
     }
 }
 
@@ -84,13 +189,16 @@ impl Handler<Put> for SharedStateActor {
                     .map_err(Error::from)
             }
             .into_actor(self)
-            .map(move |res, act, _| {
+            .map(move |res, act, ctx| {
                 if let Ok(e) = &res {
-                    let _ = act.changes.send(SharedChange {
-                        key: e.key.clone(),
-                        value: (!deleted).then(|| e.value.clone()),
-                        version: e.version,
-                    });
+                    act.own_change(
+                        SharedChange {
+                            key: e.key.clone(),
+                            value: (!deleted).then(|| e.value.clone()),
+                            version: e.version,
+                        },
+                        ctx,
+                    );
                 }
                 res
             }),
@@ -100,14 +208,40 @@ impl Handler<Put> for SharedStateActor {
 
 /// A new receiver of the namespace's changes.
 #[derive(Message)]
-#[rtype(result = "broadcast::Receiver<SharedChange>")]
+#[rtype(result = "Result<broadcast::Receiver<SharedChange>>")]
 pub(crate) struct Subscribe;
 
 impl Handler<Subscribe> for SharedStateActor {
-    type Result = MessageResult<Subscribe>;
+    type Result = AtomicResponse<Self, Result<broadcast::Receiver<SharedChange>>>;
 
     fn handle(&mut self, _: Subscribe, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.changes.subscribe())
+        if !matches!(self.feed, Feed::Unasked) {
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(self.changes.subscribe()))));
+        }
+        // The first subscriber attaches the store's feed of other nodes'
+        // writes (if it has one) before it gets its receiver, so it misses
+        // nothing written after `subscribe` returns.
+        let store = self.store.clone();
+        let ns = self.namespace.clone();
+        AtomicResponse::new(Box::pin(
+            async move { store.shared_changes(&ns).await }
+                .into_actor(self)
+                .map(move |res, act, ctx| match res {
+                    Ok(Some(mut rx)) => {
+                        act.feed = Feed::Remote;
+                        ctx.add_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+                        Ok(act.changes.subscribe())
+                    }
+                    Ok(None) => {
+                        act.feed = Feed::Local;
+                        Ok(act.changes.subscribe())
+                    }
+                    Err(e) => Err(Error::Runtime(format!(
+                        "shared state '{}': cannot follow the other nodes' changes: {e}",
+                        act.namespace
+                    ))),
+                }),
+        ))
     }
 }
 
@@ -212,8 +346,11 @@ impl SharedState {
         Ok(self.store.shared_list(&self.namespace, prefix).await?)
     }
 
-    /// Every change from now on, in order. A subscriber that falls more
-    /// than 1,024 changes behind gets an error item and then the newer changes.
+    /// Every change from now on, in version order per key. A subscriber that
+    /// falls more than 1,024 changes behind gets an error item and then the
+    /// newer changes. With a store several nodes share (Redis), this includes
+    /// the changes made through the other nodes, each once; with Redis down
+    /// the first subscription of a namespace fails.
     pub async fn subscribe(
         &self,
     ) -> Result<impl Stream<Item = Result<SharedChange>> + Send + 'static> {
@@ -221,7 +358,7 @@ impl SharedState {
             .addr
             .send(Subscribe)
             .await
-            .map_err(|e| unavailable(&self.namespace, e))?;
+            .map_err(|e| unavailable(&self.namespace, e))??;
         let ns = self.namespace.clone();
         Ok(futures::stream::unfold(
             (rx, ns),

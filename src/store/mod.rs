@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 pub use self::redis::{RedisOptions, RedisStore};
 pub use memory::MemoryStore;
@@ -130,6 +131,19 @@ impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError::Database(e.to_string())
     }
+}
+
+/// One change to a shared-state namespace: what subscribers see, and what a
+/// store that spans several nodes reports of the other nodes' writes
+/// ([`Store::shared_changes`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SharedChange {
+    /// The key.
+    pub key: String,
+    /// The new value (`None`: deleted).
+    pub value: Option<serde_json::Value>,
+    /// The key's version after the change.
+    pub version: u64,
 }
 
 /// The storage contract every backend meets. See the module docs.
@@ -258,6 +272,22 @@ pub trait Store: Send + Sync + 'static {
     /// store that leases sessions; `None` for the others.
     fn handoff_requests(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
         None
+    }
+
+    /// Every change to `namespace`'s shared state made through this store
+    /// *and through every other store on the same data* (other nodes), from
+    /// the moment this returns, for a backend that several nodes share
+    /// (Redis: pub/sub). Each key's changes come in version order; after a
+    /// lost connection the store reports each key's newest state once it is
+    /// back (intermediate versions may be skipped, never reordered). `None`
+    /// (the default): only this process writes, so the shared-state actor's
+    /// own writes are all there is. An error means the feed could not be set
+    /// up (e.g. the server is down).
+    async fn shared_changes(
+        &self,
+        _namespace: &str,
+    ) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<SharedChange>>, StoreError> {
+        Ok(None)
     }
 
     // ---- long-term memory and per-user records ----
@@ -424,6 +454,12 @@ impl<T: Store + ?Sized> Store for Arc<T> {
     }
     fn handoff_requests(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
         (**self).handoff_requests()
+    }
+    async fn shared_changes(
+        &self,
+        namespace: &str,
+    ) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<SharedChange>>, StoreError> {
+        (**self).shared_changes(namespace).await
     }
     async fn get_checkpoint(&self, id: &str) -> Result<Option<CheckpointRecord>, StoreError> {
         (**self).get_checkpoint(id).await

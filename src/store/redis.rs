@@ -28,6 +28,24 @@
 //! | `P shv:<ns>` | hash | last version of deleted shared keys (versions never go back) |
 //! | `P run:<id>` / `P runs` | string / zset | a workflow run's JSON / run ids by created_at |
 //! | `P run:<id>:tasks` | hash | task id → [`TaskResult`] JSON |
+//! | `P u:{user}` | string | the [`UserRecord`] JSON (its `memories` count is `HLEN` of `:m`) |
+//! | `P u:{user}:m` | hash | memory id → `<insertion no.>\n<`[`MemoryItem`]` JSON>` |
+//! | `P u:{user}:v` | string | the user's write count: memory writes are read, decided in Rust, and applied by a script only if it is unchanged |
+//! | `P mi:<id>` | string | a memory's user (`memory_mark_used` gets ids only) |
+//! | channel `P shch:<ns>` | pub/sub | shared-state changes, published by the write's script |
+//!
+//! # Shared state across nodes
+//!
+//! [`Store::shared_changes`] feeds a namespace's subscribers with every
+//! node's writes: one pub/sub connection per store (`PSUBSCRIBE P shch:*`,
+//! started on first use, reconnecting with a backoff), and after each
+//! reconnection a re-read of the watched namespaces that forwards what changed
+//! meanwhile. Per key, only versions above the last one forwarded pass.
+//!
+//! # Long-term memory
+//!
+//! Search reads the user's memories and ranks them as the memory store does
+//! (query terms found as words; no index, no stemming) — see `docs/redis.md`.
 //!
 //! Records are JSON (serde_json, the types' own serde): the record must be
 //! readable by people debugging a fleet with `redis-cli`, and a turn writes
@@ -120,12 +138,13 @@ use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    from_micros, to_micros, CheckpointRecord, Commit, LoadedSession, Message, MessageId, RunRecord,
-    Segment, SegmentId, SegmentInfo, SessionFilter, SessionRecord, SessionSummary, SharedEntry,
-    Store, StoreError, TaskResult,
+    from_micros, to_micros, CheckpointRecord, Commit, JsonMap, LoadedSession, MemoryHit,
+    MemoryItem, MemoryWrite, Message, MessageId, RunRecord, Segment, SegmentId, SegmentInfo,
+    SessionFilter, SessionRecord, SessionSummary, SharedChange, SharedEntry, Store, StoreError,
+    TaskResult, UserRecord,
 };
 use crate::config::Config;
 
@@ -222,6 +241,12 @@ struct Inner {
     /// Releases sent but not yet answered (flush waits for them).
     releasing: AtomicUsize,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    connect_timeout: Duration,
+    /// The runtime the store was opened on: its background tasks run there.
+    runtime: tokio::runtime::Handle,
+    /// The shared-state change listener, started by the first
+    /// [`Store::shared_changes`].
+    shared_watch: Mutex<Option<mpsc::UnboundedSender<Watch>>>,
 }
 
 impl Drop for Inner {
@@ -274,6 +299,9 @@ impl RedisStore {
             handoff_rx: Mutex::new(Some(rx)),
             releasing: AtomicUsize::new(0),
             tasks: Mutex::new(Vec::new()),
+            connect_timeout: options.connect_timeout,
+            runtime: tokio::runtime::Handle::current(),
+            shared_watch: Mutex::new(None),
         });
         // Load the scripts once, so the first EVALSHA of each does not miss.
         let mut c = inner.conn.clone();
@@ -515,6 +543,206 @@ async fn listen_handoffs(weak: Weak<Inner>, tx: mpsc::UnboundedSender<String>) {
             Err(e) => tracing::debug!(error = %e, "hand-over listener cannot connect"),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+// ---- shared-state change feed ----
+
+/// A request to the shared-state change listener: feed `tx` with the changes
+/// of `namespace`; `ready` is answered once the feed is live.
+struct Watch {
+    namespace: String,
+    tx: mpsc::UnboundedSender<SharedChange>,
+    ready: oneshot::Sender<()>,
+}
+
+/// What the listener keeps per watched namespace.
+#[derive(Default)]
+struct Watched {
+    /// Each key's last version forwarded, or found when the watch began.
+    known: HashMap<String, u64>,
+    subs: Vec<mpsc::UnboundedSender<SharedChange>>,
+}
+
+/// Every key of a namespace now: live ones with their values, deleted ones
+/// with their last version (one `MULTI`, so one state).
+async fn shared_snapshot(inner: &Inner, ns: &str) -> Result<Vec<SharedChange>, StoreError> {
+    let mut c = inner.conn();
+    let (live, gone): (HashMap<String, String>, HashMap<String, u64>) = ::redis::pipe()
+        .atomic()
+        .hgetall(format!("{}sh:{ns}", inner.prefix))
+        .hgetall(format!("{}shv:{ns}", inner.prefix))
+        .query_async(&mut c)
+        .await
+        .map_err(|e| inner.err(e))?;
+    let mut out = Vec::with_capacity(live.len() + gone.len());
+    for (key, raw) in live {
+        let e = parse_shared(ns, &key, &raw)?;
+        out.push(SharedChange {
+            key,
+            value: Some(e.value),
+            version: e.version,
+        });
+    }
+    for (key, version) in gone {
+        out.push(SharedChange {
+            key,
+            value: None,
+            version,
+        });
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+/// A change as `SHARED_PUT` publishes it: `<version> <key bytes>\n<key><value JSON>`.
+fn parse_shared_change(payload: &[u8]) -> Option<SharedChange> {
+    let nl = payload.iter().position(|&b| b == b'\n')?;
+    let header = std::str::from_utf8(&payload[..nl]).ok()?;
+    let (version, len) = header.split_once(' ')?;
+    let len: usize = len.parse().ok()?;
+    let rest = &payload[nl + 1..];
+    let key = std::str::from_utf8(rest.get(..len)?).ok()?.to_string();
+    let value = &rest[len..];
+    Some(SharedChange {
+        key,
+        value: if value.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_slice(value).ok()?)
+        },
+        version: version.parse().ok()?,
+    })
+}
+
+/// Forwards `change` to the namespace's subscribers unless they have it.
+fn forward(w: &mut Watched, change: SharedChange) {
+    if w.known
+        .get(&change.key)
+        .is_some_and(|&k| k >= change.version)
+    {
+        return;
+    }
+    w.known.insert(change.key.clone(), change.version);
+    w.subs.retain(|tx| tx.send(change.clone()).is_ok());
+}
+
+/// After a (re)connection: what changed while no connection listened.
+async fn resync(inner: &Inner, watched: &mut HashMap<String, Watched>) -> bool {
+    watched.retain(|_, w| {
+        w.subs.retain(|tx| !tx.is_closed());
+        !w.subs.is_empty()
+    });
+    for (ns, w) in watched.iter_mut() {
+        match shared_snapshot(inner, ns).await {
+            Ok(snapshot) => snapshot.into_iter().for_each(|c| forward(w, c)),
+            Err(e) => {
+                tracing::debug!(namespace = %ns, error = %e, "shared-state resync failed");
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Starts feeding a new subscriber; false if Redis failed meanwhile.
+async fn watch(inner: &Inner, watched: &mut HashMap<String, Watched>, w: Watch) -> bool {
+    if w.tx.is_closed() {
+        return true; // the caller gave up waiting
+    }
+    if !watched.contains_key(&w.namespace) {
+        match shared_snapshot(inner, &w.namespace).await {
+            Ok(snapshot) => {
+                let known = snapshot.into_iter().map(|c| (c.key, c.version)).collect();
+                watched.insert(
+                    w.namespace.clone(),
+                    Watched {
+                        known,
+                        subs: Vec::new(),
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::debug!(namespace = %w.namespace, error = %e, "shared-state watch failed");
+                return false; // `ready` dropped: the caller hears of it
+            }
+        }
+    }
+    if let Some(entry) = watched.get_mut(&w.namespace) {
+        entry.subs.push(w.tx);
+    }
+    let _ = w.ready.send(());
+    true
+}
+
+/// Background (started by the first [`Store::shared_changes`]): one pub/sub
+/// connection `PSUBSCRIBE`d to `P shch:*`, feeding the watched namespaces'
+/// subscribers. Reconnects with a backoff (50 → 500 ms) whenever the
+/// connection drops, then re-reads the watched namespaces and forwards what
+/// changed meanwhile (each key's newest state).
+async fn listen_shared(weak: Weak<Inner>, mut watches: mpsc::UnboundedReceiver<Watch>) {
+    let mut watched: HashMap<String, Watched> = HashMap::new();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let (client, prefix, timeout) = {
+            let Some(inner) = weak.upgrade() else { return };
+            (
+                inner.client.clone(),
+                inner.prefix.clone(),
+                inner.connect_timeout,
+            )
+        };
+        let pattern = format!("{}shch:*", glob_escape(&prefix));
+        let connected = tokio::time::timeout(timeout * 2, async {
+            let mut ps = client.get_async_pubsub().await?;
+            ps.psubscribe(&pattern).await?;
+            Ok::<_, ::redis::RedisError>(ps)
+        })
+        .await;
+        match connected {
+            Ok(Ok(ps)) => {
+                let synced = match weak.upgrade() {
+                    Some(inner) => resync(&inner, &mut watched).await,
+                    None => return,
+                };
+                if synced {
+                    pause = Duration::from_millis(50);
+                    let mut stream = ps.into_on_message();
+                    let channel_prefix = format!("{prefix}shch:");
+                    loop {
+                        tokio::select! {
+                            msg = stream.next() => {
+                                let Some(msg) = msg else { break };
+                                let Some(ns) = msg.get_channel_name().strip_prefix(&channel_prefix)
+                                else {
+                                    continue;
+                                };
+                                let Some(w) = watched.get_mut(ns) else { continue };
+                                match parse_shared_change(msg.get_payload_bytes()) {
+                                    Some(c) => forward(w, c),
+                                    None => tracing::warn!(namespace = %ns, "malformed shared-state change ignored"),
+                                }
+                                if w.subs.is_empty() {
+                                    watched.remove(ns);
+                                }
+                            }
+                            w = watches.recv() => {
+                                let Some(w) = w else { return };
+                                let Some(inner) = weak.upgrade() else { return };
+                                if !watch(&inner, &mut watched, w).await {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    tracing::debug!("shared-state change feed disconnected; reconnecting");
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "shared-state change feed cannot connect"),
+            Err(_) => tracing::debug!("shared-state change feed: connecting timed out"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
 }
 
@@ -887,7 +1115,9 @@ return out
 });
 
 /// ARGV: P, ns, key, expected ('' none), value JSON ('' delete), now µs
-/// → {'ok', version} | {'mismatch', found}
+/// → {'ok', version} | {'mismatch', found}. A change is published on
+/// `P shch:<ns>` as `<version> <key bytes>\n<key><value JSON>` (no value:
+/// deleted), in the same script, so the channel's order is the writes' order.
 static SHARED_PUT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
@@ -903,12 +1133,15 @@ if ARGV[4] ~= '' then
   if not ok then return {'mismatch', tostring(lv or 0)} end
 end
 local v = last + 1
+local ch = P .. 'shch:' .. ARGV[2]
 if ARGV[5] ~= '' then
   redis.call('HSET', hk, key, v .. '\n' .. ARGV[6] .. '\n' .. ARGV[5])
   redis.call('HDEL', vk, key)
+  redis.call('PUBLISH', ch, v .. ' ' .. #key .. '\n' .. key .. ARGV[5])
 elseif lv then
   redis.call('HDEL', hk, key)
   redis.call('HSET', vk, key, v)
+  redis.call('PUBLISH', ch, v .. ' ' .. #key .. '\n' .. key)
 end
 return {'ok', tostring(v)}
 "#,
@@ -946,7 +1179,51 @@ return 0
     )
 });
 
-fn all_scripts() -> [&'static Script; 9] {
+/// ARGV: P, user, expected write count, record JSON ('' keep), n puts,
+/// (id, `<seq>\n<JSON>`)×n, n deletes, id×n, n new ids, id×n
+/// → 'ok' | 'retry' (another write came between the read and this one).
+static MEMORY_APPLY: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local u = P .. 'u:{' .. ARGV[2] .. '}'
+if (redis.call('GET', u .. ':v') or '0') ~= ARGV[3] then return 'retry' end
+redis.call('INCR', u .. ':v')
+if ARGV[4] ~= '' then redis.call('SET', u, ARGV[4]) end
+local i = 6
+for _ = 1, tonumber(ARGV[5]) do
+  redis.call('HSET', u .. ':m', ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+local n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  redis.call('HDEL', u .. ':m', ARGV[i])
+  redis.call('DEL', P .. 'mi:' .. ARGV[i])
+  i = i + 1
+end
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  redis.call('SET', P .. 'mi:' .. ARGV[i], ARGV[2])
+  i = i + 1
+end
+return 'ok'
+"#,
+    )
+});
+
+/// ARGV: P, user → how many memories were deleted.
+static FORGET: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local u = P .. 'u:{' .. ARGV[2] .. '}'
+local ids = redis.call('HKEYS', u .. ':m')
+for _, id in ipairs(ids) do redis.call('DEL', P .. 'mi:' .. id) end
+redis.call('DEL', u, u .. ':m', u .. ':v')
+return #ids
+"#,
+    )
+});
+
+fn all_scripts() -> [&'static Script; 11] {
     [
         &COMMIT,
         &LOAD,
@@ -957,6 +1234,8 @@ fn all_scripts() -> [&'static Script; 9] {
         &SHARED_PUT,
         &RENEW,
         &RELEASE,
+        &MEMORY_APPLY,
+        &FORGET,
     ]
 }
 
@@ -982,6 +1261,167 @@ fn parse_shared(namespace: &str, key: &str, raw: &str) -> Result<SharedEntry, St
         version,
         updated_at: from_micros(updated),
     })
+}
+
+// ---- long-term memory ----
+
+/// One user's memories and record as read in one `MULTI`.
+struct UserData {
+    /// The user's write count (`P u:{u}:v`): a write applies only if it is unchanged.
+    version: String,
+    record: Option<UserRecord>,
+    /// Memories with their insertion number, in insertion order.
+    items: Vec<(u64, MemoryItem)>,
+}
+
+/// What a read-modify-write of one user's data changes.
+#[derive(Default)]
+struct UserWrite {
+    record: Option<UserRecord>,
+    puts: Vec<(u64, MemoryItem)>,
+    deletes: Vec<String>,
+    new_ids: Vec<String>,
+}
+
+/// How many times a user write is tried again when another write to the
+/// same user came between its read and its write.
+const USER_WRITE_TRIES: usize = 50;
+
+/// Memories ranked as the reference model does: how many of the query's
+/// terms each active memory contains as words; ties by score, then newest.
+fn search_items(items: &[(u64, MemoryItem)], query: &str, limit: usize) -> Vec<MemoryHit> {
+    let terms = crate::memory::search_terms(query);
+    if terms.is_empty() || limit == 0 {
+        return Vec::new();
+    }
+    let mut hits: Vec<(u64, MemoryHit)> = items
+        .iter()
+        .filter(|(_, m)| m.superseded_by.is_none())
+        .filter_map(|(seq, m)| {
+            let words = crate::memory::extract_words(&m.content);
+            let n = terms.iter().filter(|t| words.contains(*t)).count();
+            (n > 0).then(|| {
+                (
+                    *seq,
+                    MemoryHit {
+                        item: m.clone(),
+                        rank: n as f64,
+                    },
+                )
+            })
+        })
+        .collect();
+    hits.sort_by(|(sa, a), (sb, b)| {
+        b.rank
+            .total_cmp(&a.rank)
+            .then(b.item.score.total_cmp(&a.item.score))
+            .then(b.item.created_at.cmp(&a.item.created_at))
+            .then(sb.cmp(sa))
+    });
+    hits.truncate(limit);
+    hits.into_iter().map(|(_, h)| h).collect()
+}
+
+/// The `limit` best active memories: highest score, then newest.
+fn top_items(items: &[(u64, MemoryItem)], limit: usize) -> Vec<MemoryItem> {
+    let mut v: Vec<&(u64, MemoryItem)> = items
+        .iter()
+        .filter(|(_, m)| m.superseded_by.is_none())
+        .collect();
+    v.sort_by(|(sa, a), (sb, b)| {
+        b.score
+            .total_cmp(&a.score)
+            .then(b.created_at.cmp(&a.created_at))
+            .then(sb.cmp(sa))
+    });
+    v.into_iter().take(limit).map(|(_, m)| m.clone()).collect()
+}
+
+impl Inner {
+    fn user_key(&self, user: &str) -> String {
+        format!("{}u:{{{user}}}", self.prefix)
+    }
+
+    async fn user_data(&self, user: &str) -> Result<UserData, StoreError> {
+        let u = self.user_key(user);
+        let mut c = self.conn();
+        let (version, record, raw): (Option<String>, Option<String>, HashMap<String, String>) =
+            ::redis::pipe()
+                .atomic()
+                .get(format!("{u}:v"))
+                .get(&u)
+                .hgetall(format!("{u}:m"))
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?;
+        let mut items = Vec::with_capacity(raw.len());
+        for (id, v) in &raw {
+            let bad =
+                || StoreError::Corrupt(format!("memory '{id}' of user '{user}' is malformed"));
+            let (seq, j) = v.split_once('\n').ok_or_else(bad)?;
+            let seq: u64 = seq.parse().map_err(|_| bad())?;
+            items.push((seq, decode::<MemoryItem>("memory", j)?));
+        }
+        items.sort_by(|(a, x), (b, y)| x.created_at.cmp(&y.created_at).then(a.cmp(b)));
+        let record = match record {
+            Some(r) => {
+                let mut r: UserRecord = decode("user record", &r)?;
+                r.memories = items.len() as u64;
+                Some(r)
+            }
+            None => None,
+        };
+        Ok(UserData {
+            version: version.unwrap_or_else(|| "0".into()),
+            record,
+            items,
+        })
+    }
+
+    /// Reads the user's data, lets `plan` decide the write, and applies it
+    /// only if nobody wrote to the user meanwhile (else reads again).
+    async fn user_write<T>(
+        &self,
+        user: &str,
+        mut plan: impl FnMut(&UserData, u64) -> Result<(UserWrite, T), StoreError>,
+    ) -> Result<T, StoreError> {
+        for _ in 0..USER_WRITE_TRIES {
+            let data = self.user_data(user).await?;
+            let next_seq = data.version.parse::<u64>().unwrap_or(0) + 1;
+            let (w, out) = plan(&data, next_seq)?;
+            if w.record.is_none() && w.puts.is_empty() && w.deletes.is_empty() {
+                return Ok(out);
+            }
+            let mut inv = MEMORY_APPLY.prepare_invoke();
+            inv.arg(&self.prefix).arg(user).arg(&data.version);
+            match &w.record {
+                Some(r) => inv.arg(json(r)?),
+                None => inv.arg(""),
+            };
+            inv.arg(w.puts.len());
+            for (seq, m) in &w.puts {
+                inv.arg(&m.id).arg(format!("{seq}\n{}", json(m)?));
+            }
+            inv.arg(w.deletes.len());
+            for id in &w.deletes {
+                inv.arg(id);
+            }
+            inv.arg(w.new_ids.len());
+            for id in &w.new_ids {
+                inv.arg(id);
+            }
+            let mut c = self.conn();
+            let r: String = inv.invoke_async(&mut c).await.map_err(|e| self.err(e))?;
+            match r.as_str() {
+                "ok" => return Ok(out),
+                "retry" => tokio::task::yield_now().await,
+                _ => return Err(unexpected("memory_apply", &[r])),
+            }
+        }
+        Err(StoreError::Database(format!(
+            "user '{user}': {USER_WRITE_TRIES} concurrent writes in a row got in the way"
+        )))
+    }
 }
 
 #[async_trait]
@@ -1537,6 +1977,277 @@ impl Store for RedisStore {
 
     fn release(&self, session_id: &str) {
         release(&self.inner, session_id);
+    }
+
+    async fn memory_put(
+        &self,
+        item: &MemoryItem,
+        max_per_user: usize,
+    ) -> Result<MemoryWrite, StoreError> {
+        self.inner
+            .user_write(&item.user_id, |data, seq| {
+                let mut out = MemoryWrite::default();
+                let mut w = UserWrite::default();
+                let mut list = data.items.clone();
+                if item.subject.is_some() {
+                    let same = |m: &MemoryItem| {
+                        m.superseded_by.is_none()
+                            && m.kind == item.kind
+                            && m.subject == item.subject
+                    };
+                    let lower = item.content.to_lowercase();
+                    if let Some((_, d)) = list
+                        .iter()
+                        .find(|(_, m)| same(m) && m.content.to_lowercase() == lower)
+                    {
+                        out.duplicate_of = Some(d.id.clone());
+                        return Ok((w, out));
+                    }
+                    for (s, m) in list.iter_mut().filter(|(_, m)| same(m)) {
+                        m.superseded_by = Some(item.id.clone());
+                        out.superseded.push(m.id.clone());
+                        w.puts.push((*s, m.clone()));
+                    }
+                }
+                let mut new = item.clone();
+                new.superseded_by = None;
+                list.push((seq, new.clone()));
+                w.puts.push((seq, new));
+                w.new_ids.push(item.id.clone());
+                let max = max_per_user.max(1);
+                if list.len() > max {
+                    // Superseded first, then lowest score, oldest first.
+                    let mut order: Vec<&(u64, MemoryItem)> = list.iter().collect();
+                    order.sort_by(|(sa, x), (sb, y)| {
+                        (x.superseded_by.is_none())
+                            .cmp(&y.superseded_by.is_none())
+                            .then(x.score.total_cmp(&y.score))
+                            .then(x.created_at.cmp(&y.created_at))
+                            .then(sa.cmp(sb))
+                    });
+                    let doomed: Vec<String> = order[..list.len() - max]
+                        .iter()
+                        .map(|(_, m)| m.id.clone())
+                        .collect();
+                    // Reported in list order, as the reference model does.
+                    for (_, m) in &list {
+                        if doomed.contains(&m.id) {
+                            out.evicted.push(m.id.clone());
+                        }
+                    }
+                    w.puts.retain(|(_, m)| !doomed.contains(&m.id));
+                    w.new_ids.retain(|id| !doomed.contains(id));
+                    w.deletes = doomed.into_iter().filter(|id| *id != item.id).collect();
+                }
+                if data.record.is_none() {
+                    w.record = Some(UserRecord {
+                        user_id: item.user_id.clone(),
+                        updated_at: super::now(),
+                        ..Default::default()
+                    });
+                }
+                Ok((w, out))
+            })
+            .await
+    }
+
+    async fn memory_list(
+        &self,
+        user_id: &str,
+        include_superseded: bool,
+    ) -> Result<Vec<MemoryItem>, StoreError> {
+        let data = self.inner.user_data(user_id).await?;
+        Ok(data
+            .items
+            .into_iter()
+            .map(|(_, m)| m)
+            .filter(|m| include_superseded || m.superseded_by.is_none())
+            .collect())
+    }
+
+    async fn memory_top(&self, user_id: &str, limit: usize) -> Result<Vec<MemoryItem>, StoreError> {
+        let data = self.inner.user_data(user_id).await?;
+        Ok(top_items(&data.items, limit))
+    }
+
+    async fn memory_search(
+        &self,
+        user_id: &str,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<MemoryHit>, StoreError> {
+        if crate::memory::search_terms(query).is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let data = self.inner.user_data(user_id).await?;
+        Ok(search_items(&data.items, query, limit))
+    }
+
+    async fn memory_recall(
+        &self,
+        user_id: &str,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<MemoryItem>, StoreError> {
+        // One read for both parts.
+        let data = self.inner.user_data(user_id).await?;
+        let mut out: Vec<MemoryItem> = search_items(&data.items, query, limit)
+            .into_iter()
+            .map(|h| h.item)
+            .collect();
+        for m in top_items(&data.items, limit) {
+            if out.len() >= limit {
+                break;
+            }
+            if !out.iter().any(|o| o.id == m.id) {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn memory_mark_used(&self, ids: &[String], at: DateTime<Utc>) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let inner = &self.inner;
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{}mi:{id}", inner.prefix))
+            .collect();
+        let mut c = inner.conn();
+        let users: Vec<Option<String>> = ::redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| inner.err(e))?;
+        let mut by_user: HashMap<String, Vec<&String>> = HashMap::new();
+        for (id, user) in ids.iter().zip(users) {
+            if let Some(u) = user {
+                by_user.entry(u).or_default().push(id);
+            }
+        }
+        for (user, ids) in by_user {
+            inner
+                .user_write(&user, |data, _| {
+                    let mut w = UserWrite::default();
+                    for (seq, m) in &data.items {
+                        // An id given twice counts twice, as in one UPDATE per id.
+                        let n = ids.iter().filter(|id| ***id == m.id).count() as u64;
+                        if n > 0 {
+                            let mut m = m.clone();
+                            m.uses += n;
+                            m.last_used = Some(at);
+                            w.puts.push((*seq, m));
+                        }
+                    }
+                    Ok((w, ()))
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn forget_user(&self, user_id: &str) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let mut inv = FORGET.prepare_invoke();
+        inv.arg(&inner.prefix).arg(user_id);
+        let mut c = inner.conn();
+        let n: u64 = inv.invoke_async(&mut c).await.map_err(|e| inner.err(e))?;
+        Ok(n)
+    }
+
+    async fn user_get(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
+        let inner = &self.inner;
+        let u = inner.user_key(user_id);
+        let mut c = inner.conn();
+        let (raw, count): (Option<String>, u64) = ::redis::pipe()
+            .atomic()
+            .get(&u)
+            .hlen(format!("{u}:m"))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| inner.err(e))?;
+        raw.map(|r| {
+            let mut r: UserRecord = decode("user record", &r)?;
+            r.memories = count;
+            Ok(r)
+        })
+        .transpose()
+    }
+
+    async fn user_update(
+        &self,
+        user_id: &str,
+        profile: &JsonMap,
+        preferences: &JsonMap,
+    ) -> Result<UserRecord, StoreError> {
+        self.inner
+            .user_write(user_id, |data, _| {
+                let mut r = data.record.clone().unwrap_or_else(|| UserRecord {
+                    user_id: user_id.to_string(),
+                    ..Default::default()
+                });
+                for (k, v) in profile {
+                    r.profile.insert(k.clone(), v.clone());
+                }
+                for (k, v) in preferences {
+                    r.preferences.insert(k.clone(), v.clone());
+                }
+                r.updated_at = super::now();
+                r.memories = data.items.len() as u64;
+                Ok((
+                    UserWrite {
+                        record: Some(r.clone()),
+                        ..Default::default()
+                    },
+                    r,
+                ))
+            })
+            .await
+    }
+
+    async fn shared_changes(
+        &self,
+        namespace: &str,
+    ) -> Result<Option<mpsc::UnboundedReceiver<SharedChange>>, StoreError> {
+        let inner = &self.inner;
+        let ctl = {
+            let mut slot = inner.shared_watch.lock().unwrap_or_else(|p| p.into_inner());
+            match &*slot {
+                Some(tx) if !tx.is_closed() => tx.clone(),
+                _ => {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let task = inner
+                        .runtime
+                        .spawn(listen_shared(Arc::downgrade(inner), rx));
+                    inner
+                        .tasks
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(task);
+                    *slot = Some(tx.clone());
+                    tx
+                }
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready, answer) = oneshot::channel();
+        ctl.send(Watch {
+            namespace: namespace.to_string(),
+            tx,
+            ready,
+        })
+        .map_err(|_| StoreError::Closed)?;
+        match tokio::time::timeout(inner.connect_timeout * 3, answer).await {
+            Ok(Ok(())) => Ok(Some(rx)),
+            _ => Err(StoreError::Unavailable {
+                url: inner.url.clone(),
+                reason: format!(
+                    "cannot follow the changes of shared-state namespace '{namespace}'"
+                ),
+            }),
+        }
     }
 
     fn handoff_requests(&self) -> Option<mpsc::UnboundedReceiver<String>> {
