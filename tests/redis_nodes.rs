@@ -109,18 +109,22 @@ async fn chat(http: &reqwest::Client, node: &Node, session: &str, message: &str)
 }
 
 async fn history(http: &reqwest::Client, node: &Node, session: &str) -> Vec<Value> {
-    let body: Value = http
-        .get(format!(
-            "{}/v1/sessions/{session}/history?limit=1000",
-            node.url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["messages"].as_array().cloned().unwrap_or_default()
+    // Page by page (at most 1,000 a page), newest page first.
+    let mut pages: Vec<Vec<Value>> = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let mut url = format!("{}/v1/sessions/{session}/history?limit=1000", node.url);
+        if let Some(b) = &before {
+            url.push_str(&format!("&before={b}"));
+        }
+        let body: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+        pages.push(body["messages"].as_array().cloned().unwrap_or_default());
+        match body["next"].as_str() {
+            Some(n) => before = Some(n.to_string()),
+            None => break,
+        }
+    }
+    pages.into_iter().rev().flatten().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,8 +146,8 @@ async fn two_nodes_share_a_session_and_survive_kill_9_of_its_owner() {
         .unwrap();
     assert_eq!(created.status(), 201);
 
-    // 40 turns, alternately through a and b: every turn moves the session.
-    const TURNS: usize = 40;
+    // 500 turns, alternately through a and b: every turn moves the session.
+    const TURNS: usize = 500;
     for i in 0..TURNS {
         let node = if i % 2 == 0 { &a } else { &b };
         chat(&http, node, "shared", &format!("turn {i}")).await;
