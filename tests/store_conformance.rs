@@ -818,6 +818,63 @@ async fn memory_contract(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(s.user_get("alice").await.unwrap().unwrap().memories, 1);
+
+    // A user with few matches among another user's many (newer) ones finds
+    // exactly theirs — and the other user exactly theirs. The ids are chosen
+    // so that one is a prefix of the other.
+    let mine = memory_item("dave", "User drinks green tea with python", None, 0.6);
+    s.memory_put(&mine, 1000).await.unwrap();
+    let old_pet = memory_item("dave", "User's pet is a python", Some("pet"), 0.6);
+    s.memory_put(&old_pet, 1000).await.unwrap();
+    let pet = memory_item(
+        "dave",
+        "User's pet is a python called Monty",
+        Some("pet"),
+        0.6,
+    );
+    s.memory_put(&pet, 1000).await.unwrap();
+    for i in 0..300 {
+        let crowd = memory_item(
+            "dav",
+            &format!("User wrote python script {i} on tea"),
+            None,
+            0.5,
+        );
+        s.memory_put(&crowd, 1000).await.unwrap();
+    }
+    let mut found: Vec<String> = s
+        .memory_search("dave", "python tea", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.item.id)
+        .collect();
+    found.sort();
+    let mut expected = vec![mine.id.clone(), pet.id.clone()];
+    expected.sort();
+    assert_eq!(found, expected, "only dave's active matches");
+    assert_eq!(
+        s.memory_search("dave", "monty", 10).await.unwrap()[0].item,
+        pet
+    );
+    assert!(s
+        .memory_search("dave", "script", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let crowd = s.memory_search("dav", "python monty", 500).await.unwrap();
+    assert!(!crowd.is_empty());
+    assert!(crowd.iter().all(|h| h.item.user_id == "dav"), "{crowd:?}");
+    assert!(s
+        .memory_search("dav", "monty green", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .memory_search("da", "python tea", 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
@@ -853,13 +910,19 @@ async fn redis_store_meets_the_memory_contract() {
     memory_contract(store.clone()).await;
     // Forgetting leaves no key of the user: neither its own keys (hash tag
     // `{alice}`) nor the id → user index entries of its memories.
-    let bob: Vec<String> = store
-        .memory_list("bob", true)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.id)
-        .collect();
+    // Every other user's memories (the contract also leaves bob's, dave's and dav's).
+    let mut bob: Vec<String> = Vec::new();
+    for user in ["bob", "dave", "dav"] {
+        bob.extend(
+            store
+                .memory_list(user, true)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|m| m.id),
+        );
+    }
+    bob.sort();
     assert_eq!(store.forget_user("alice").await.unwrap(), 1);
     let keys = store.keys().await.unwrap();
     assert!(
@@ -871,7 +934,7 @@ async fn redis_store_meets_the_memory_contract() {
         .filter_map(|k| k.split_once(":mi:").map(|(_, id)| id.to_string()))
         .collect();
     index.sort();
-    assert_eq!(index, bob, "the memory index holds only bob's: {keys:?}");
+    assert_eq!(index, bob, "the memory index holds only the other users': {keys:?}");
     store.delete_all_keys().await.unwrap();
 }
 

@@ -19,8 +19,9 @@
 //! the message tree, `messages` clustered by `(segment, seq)` (`WITHOUT
 //! ROWID`) so that a history read is a few range scans, and `checkpoints`.
 //! Schema v4 adds long-term `memories` (an FTS5 index `memories_fts`, BM25
-//! ranking) and per-user `users` records. Migrations are numbered and
-//! recorded in `schema_version`.
+//! ranking) and per-user `users` records; v5 adds each memory's owner token
+//! to that index, so a search walks only the user's matches. Migrations are
+//! numbered and recorded in `schema_version`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -187,7 +188,63 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // v5: an owner token in the FTS index, so a search intersects the user's
+    // postings with the terms' instead of walking every user's matches. The
+    // token is `owner_token(user_id)`, computed here from `hex(user_id)` (the
+    // UTF-8 bytes) for the rows already stored; the index is rebuilt from
+    // `memories`.
+    r#"
+    DROP TRIGGER memories_fts_insert;
+    DROP TRIGGER memories_fts_delete;
+    DROP TRIGGER memories_fts_update;
+    DROP TABLE memories_fts;
+    ALTER TABLE memories ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    WITH RECURSIVE
+        u(user_id, h) AS (SELECT DISTINCT user_id, hex(user_id) FROM memories),
+        t(user_id, h, i, tok) AS (
+            SELECT user_id, h, 1, 'u' FROM u
+            UNION ALL
+            SELECT user_id, h, i + 2, tok || printf('%03d',
+                (instr('0123456789ABCDEF', substr(h, i, 1)) - 1) * 16
+                + instr('0123456789ABCDEF', substr(h, i + 1, 1)) - 1)
+            FROM t WHERE i < length(h)
+        )
+    UPDATE memories SET owner = t.tok FROM t
+        WHERE t.user_id = memories.user_id AND t.i > length(t.h);
+    CREATE VIRTUAL TABLE memories_fts USING fts5(
+        content, owner, content='memories', content_rowid='key', tokenize='porter unicode61'
+    );
+    INSERT INTO memories_fts(memories_fts) VALUES ('rebuild');
+    CREATE TRIGGER memories_fts_insert AFTER INSERT ON memories BEGIN
+        INSERT INTO memories_fts(rowid, content, owner) VALUES (new.key, new.content, new.owner);
+    END;
+    CREATE TRIGGER memories_fts_delete AFTER DELETE ON memories BEGIN
+        INSERT INTO memories_fts(memories_fts, rowid, content, owner)
+            VALUES ('delete', old.key, old.content, old.owner);
+    END;
+    CREATE TRIGGER memories_fts_update AFTER UPDATE OF content, owner ON memories BEGIN
+        INSERT INTO memories_fts(memories_fts, rowid, content, owner)
+            VALUES ('delete', old.key, old.content, old.owner);
+        INSERT INTO memories_fts(rowid, content, owner) VALUES (new.key, new.content, new.owner);
+    END;
+    "#,
 ];
+
+/// The FTS5 token of a memory's owner (column `owner` of `memories` and
+/// `memories_fts`): `u` and each UTF-8 byte of the user id as three decimal
+/// digits (`"ab"` → `u097098`). Any user id so becomes one token of letters
+/// and digits under `porter unicode61` — never split, folded or stemmed (no
+/// suffix rule ends in a digit) — and different ids give different tokens.
+/// Migration v5 computes the same in SQL for the rows it finds.
+fn owner_token(user_id: &str) -> String {
+    use std::fmt::Write;
+    let mut token = String::with_capacity(1 + 3 * user_id.len());
+    token.push('u');
+    for b in user_id.bytes() {
+        let _ = write!(token, "{b:03}");
+    }
+    token
+}
 
 enum WriteOp {
     Commit(Box<Encoded>),
@@ -1818,12 +1875,41 @@ fn read_top(conn: &Connection, user: &str, limit: usize) -> Result<Vec<MemoryIte
 /// Matching memories considered per search: the user's newest active ones.
 const SEARCH_CANDIDATES: i64 = 256;
 
+/// When a search is scoped by the owner token: while `mine² ≤ OWNER_SCOPE ×
+/// all` (`mine` = the user's memories, `all` ≈ every user's). FTS5 walks a
+/// doclist newest first without its skip index, so the owner token costs a
+/// scan of the user's whole posting list (about 0.07 µs a memory); without
+/// it, finding [`SEARCH_CANDIDATES`] of the user's matches walks about
+/// `SEARCH_CANDIDATES × all / mine` matches of every user (about 3 µs each,
+/// with the join). The two meet near `mine² = 10,000 × all`: a user holding
+/// most of the memories (the 100,000 of `troupe bench --scenario memory`)
+/// is served without the token, a user among many others' memories with it.
+const OWNER_SCOPE: i64 = 10_000;
+
+/// Whether [`read_search`] scopes its FTS query with the user's owner token
+/// (see [`OWNER_SCOPE`]). Two primary-key reads: the user's count, kept in
+/// `users`, and the largest key as the number of memories (keys grow; gaps
+/// left by deletions only make it larger).
+fn owner_scoped(conn: &Connection, user: &str) -> Result<bool, StoreError> {
+    let mine: i64 = conn
+        .prepare_cached("SELECT memories FROM users WHERE user_id = ?1")?
+        .query_row([user], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let all: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(key), 0) FROM memories")?
+        .query_row([], |r| r.get(0))?;
+    Ok(mine.max(0).saturating_mul(mine.max(0)) <= OWNER_SCOPE.saturating_mul(all))
+}
+
 /// Full-text search in two steps, so the cost does not grow with how many
 /// memories match: (1) the user's newest active memories containing any
 /// term — FTS5 walks its matches newest first (no ranking), skipping other
 /// users' and superseded ones, and stops at [`SEARCH_CANDIDATES`]; (2) BM25
 /// of those candidates (`bm25()` over the matches from the oldest candidate
-/// on), best first.
+/// on), best first. Unless the user holds most of the memories, the FTS
+/// query is scoped by the user's owner token (see [`OWNER_SCOPE`]), so its
+/// cost depends on the user's own matches, not on other users'.
 fn read_search(
     conn: &Connection,
     user: &str,
@@ -1834,8 +1920,29 @@ fn read_search(
     if terms.is_empty() || limit == 0 {
         return Ok(Vec::new());
     }
+    let scoped = owner_scoped(conn, user)?;
+    search_scoped(conn, user, &terms, limit, scoped)
+}
+
+/// [`read_search`] with the choice of scoping made.
+fn search_scoped(
+    conn: &Connection,
+    user: &str,
+    terms: &[String],
+    limit: usize,
+    scoped: bool,
+) -> Result<Vec<MemoryHit>, StoreError> {
+    // `owner : <token> AND content : (t1 OR t2 …)`: FTS5 intersects the
+    // user's postings with the terms'. The `user_id` check below stays as the
+    // guarantee of isolation; the token only narrows the walk. The terms are
+    // confined to `content`, so a term never matches an owner token.
     let fts: Vec<String> = terms.iter().map(|t| format!("\"{t}\"")).collect();
-    let fts = fts.join(" OR ");
+    let fts = format!("content : ({})", fts.join(" OR "));
+    let fts = if scoped {
+        format!("owner : \"{}\" AND {fts}", owner_token(user))
+    } else {
+        fts
+    };
     let candidates: std::collections::HashSet<i64> = {
         let mut stmt = conn.prepare_cached(
             "SELECT f.rowid FROM memories_fts f CROSS JOIN memories m ON m.key = f.rowid \
@@ -1851,7 +1958,7 @@ fn read_search(
     let mut ranked: Vec<(i64, f64)> = Vec::with_capacity(candidates.len());
     {
         let mut stmt = conn.prepare_cached(
-            "SELECT rowid, bm25(memories_fts) FROM memories_fts \
+            "SELECT rowid, bm25(memories_fts, 1.0, 0.0) FROM memories_fts \
              WHERE memories_fts MATCH ?1 AND rowid >= ?2",
         )?;
         let mut rows = stmt.query(params![fts, oldest])?;
@@ -1936,8 +2043,8 @@ fn apply_memory_put(
     }
     tx.prepare_cached(
         "INSERT INTO memories (id, user_id, content, kind, subject, relevance, \
-         importance, score, created_at, last_used, uses, active, superseded_by, session_id) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, NULL, ?12)",
+         importance, score, created_at, last_used, uses, active, superseded_by, session_id, \
+         owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, NULL, ?12, ?13)",
     )?
     .execute(params![
         item.id,
@@ -1952,6 +2059,7 @@ fn apply_memory_put(
         item.last_used.map(to_micros),
         item.uses as i64,
         item.session_id,
+        owner_token(&item.user_id),
     ])?;
     // The per-user count, so the limit is checked without counting rows.
     let count: i64 = tx
@@ -1981,4 +2089,222 @@ fn apply_memory_put(
             .execute(params![item.user_id, out.evicted.len() as i64])?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `porter unicode61` makes of `text`: its tokens, in order.
+    fn tokens(conn: &Connection, text: &str) -> Vec<String> {
+        conn.execute_batch(
+            "CREATE VIRTUAL TABLE IF NOT EXISTS t USING fts5(x, tokenize='porter unicode61');
+             CREATE VIRTUAL TABLE IF NOT EXISTS t_vocab USING fts5vocab(t, 'instance');
+             DELETE FROM t;",
+        )
+        .unwrap();
+        conn.execute("INSERT INTO t(x) VALUES (?1)", [text])
+            .unwrap();
+        let mut stmt = conn
+            .prepare("SELECT term FROM t_vocab ORDER BY offset")
+            .unwrap();
+        let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    }
+
+    #[test]
+    fn an_owner_token_is_one_unstemmed_token() {
+        assert_eq!(owner_token(""), "u");
+        assert_eq!(owner_token("ab"), "u097098");
+        assert_eq!(owner_token("é"), "u195169");
+        let conn = Connection::open_in_memory().unwrap();
+        for user in [
+            "alice",
+            "bench-user-1k",
+            "Zoë Ünal",
+            "a b\tc",
+            "users",
+            "running",
+            "名前",
+            "x\"y OR z",
+        ] {
+            let token = owner_token(user);
+            assert_eq!(tokens(&conn, &token), vec![token.clone()], "{user:?}");
+        }
+        assert_ne!(owner_token("ab"), owner_token("a\u{0}b"));
+    }
+
+    /// A schema v4 database (built by hand with the released migrations)
+    /// opens as v5, its owner column is filled with the same token the
+    /// insert path computes, and its old memories are searchable beside new
+    /// ones.
+    #[tokio::test]
+    async fn a_v4_database_migrates_to_v5_and_stays_searchable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.db");
+        let users = ["alice", "Zoë Ünal", "名前", ""];
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                .unwrap();
+            for (i, sql) in MIGRATIONS[..4].iter().enumerate() {
+                conn.execute_batch(sql).unwrap();
+                conn.execute(
+                    "INSERT INTO schema_version (version) VALUES (?1)",
+                    [i as i64 + 1],
+                )
+                .unwrap();
+            }
+            for (n, user) in users.iter().enumerate() {
+                for i in 0..3 {
+                    conn.execute(
+                        "INSERT INTO memories (id, user_id, content, kind, relevance, \
+                         importance, score, created_at) VALUES (?1, ?2, ?3, 'note', 0.5, 0.5, \
+                         0.5, ?4)",
+                        params![
+                            format!("old-{n}-{i}"),
+                            user,
+                            format!("User likes python number{i}"),
+                            i as i64
+                        ],
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        let store = SqliteStore::open(&path, SyncMode::Normal).unwrap();
+        {
+            let conn = Connection::open(&path).unwrap();
+            let v: i64 = conn
+                .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(v, MIGRATIONS.len() as i64);
+            assert_eq!(v, 5);
+            for user in users {
+                let owners: Vec<String> = conn
+                    .prepare("SELECT DISTINCT owner FROM memories WHERE user_id = ?1")
+                    .unwrap()
+                    .query_map([user], |r| r.get(0))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                assert_eq!(owners, vec![owner_token(user)], "{user:?}");
+            }
+            conn.execute(
+                "INSERT INTO memories_fts(memories_fts, rank) VALUES ('integrity-check', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        for (n, user) in users.iter().enumerate() {
+            // Old memories: found, only the user's own.
+            let hits = store.memory_search(user, "python", 10).await.unwrap();
+            assert_eq!(hits.len(), 3, "{user:?}: {hits:?}");
+            assert!(hits.iter().all(|h| h.item.user_id == *user));
+            let hits = store.memory_search(user, "number1", 10).await.unwrap();
+            assert_eq!(hits.len(), 1, "{user:?}: {hits:?}");
+            assert_eq!(hits[0].item.id, format!("old-{n}-1"));
+            // A new memory of the same user sits beside them.
+            let mut item = MemoryItem {
+                id: format!("new-{n}"),
+                user_id: user.to_string(),
+                content: "User now writes python and rust".into(),
+                kind: MemoryKind::Note,
+                subject: None,
+                relevance: 0.5,
+                importance: 0.5,
+                score: 0.5,
+                created_at: super::super::now(),
+                last_used: None,
+                uses: 0,
+                superseded_by: None,
+                session_id: None,
+            };
+            store.memory_put(&item, 100).await.unwrap();
+            let hits = store.memory_search(user, "python", 10).await.unwrap();
+            assert_eq!(hits.len(), 4, "{user:?}: {hits:?}");
+            let hits = store.memory_search(user, "rust", 10).await.unwrap();
+            assert_eq!(hits.len(), 1, "{user:?}: {hits:?}");
+            item.id = hits[0].item.id.clone();
+            assert_eq!(hits[0].item, item);
+        }
+        // Forgetting takes the migrated rows out of the index too.
+        store.forget_user("alice").await.unwrap();
+        assert!(store
+            .memory_search("alice", "python", 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            store.memory_search("", "python", 10).await.unwrap().len(),
+            4
+        );
+    }
+
+    fn note(id: String, user: &str, content: String) -> MemoryItem {
+        MemoryItem {
+            id,
+            user_id: user.into(),
+            content,
+            kind: MemoryKind::Note,
+            subject: None,
+            relevance: 0.5,
+            importance: 0.5,
+            score: 0.5,
+            created_at: super::super::now(),
+            last_used: None,
+            uses: 0,
+            superseded_by: None,
+            session_id: None,
+        }
+    }
+
+    /// A search with and without the owner token finds the same memories,
+    /// ranked the same; which one runs depends on the user's share.
+    #[tokio::test]
+    async fn searches_with_and_without_the_owner_token_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = SqliteStore::open(&path, SyncMode::Normal).unwrap();
+        let words = ["tea", "python", "rust", "lyon", "rain"];
+        for i in 0..40 {
+            let text = format!("User likes {} and {}", words[i % 5], words[(i / 5) % 5]);
+            store
+                .memory_put(&note(format!("many-{i}"), "many", text), 1000)
+                .await
+                .unwrap();
+            if i % 10 == 0 {
+                let text = format!("User drinks {} in {}", words[i % 3], words[4 - i % 4]);
+                store
+                    .memory_put(&note(format!("few-{i}"), "few", text), 1000)
+                    .await
+                    .unwrap();
+            }
+        }
+        let conn = Connection::open(&path).unwrap();
+        assert!(owner_scoped(&conn, "few").unwrap());
+        assert!(owner_scoped(&conn, "nobody").unwrap());
+        for user in ["many", "few", "nobody"] {
+            for query in ["tea", "python rust", "lyon rain tea", "likes", "drinks"] {
+                let terms = crate::memory::search_terms(query);
+                let ids = |scoped| -> Vec<(String, String)> {
+                    search_scoped(&conn, user, &terms, 10, scoped)
+                        .unwrap()
+                        .into_iter()
+                        .map(|h| (h.item.id, format!("{:.9}", h.rank)))
+                        .collect()
+                };
+                let (with, without) = (ids(true), ids(false));
+                assert_eq!(with, without, "{user} {query:?}");
+                assert!(with.iter().all(|(id, _)| id.starts_with(user)));
+            }
+        }
+        // A user holding most of a large store is searched without it.
+        conn.execute(
+            "UPDATE users SET memories = 1000000 WHERE user_id = 'many'",
+            [],
+        )
+        .unwrap();
+        assert!(!owner_scoped(&conn, "many").unwrap());
+    }
 }
