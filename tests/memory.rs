@@ -628,3 +628,61 @@ async fn analytics_count_turns_agents_latency_tokens_and_feedback() {
         .iter()
         .all(|r| r.meta.as_ref().unwrap()["latency_ms"].as_f64().unwrap() > 0.0));
 }
+
+async fn repeated_note(rt: &Runtime) {
+    let memories = rt
+        .memories()
+        .with(Memory::builder().quality_threshold(0.0).build());
+    let note = |id: &str, text: &str| MemoryItem {
+        id: id.into(),
+        user_id: "notes".into(),
+        content: text.into(),
+        kind: MemoryKind::Note,
+        subject: None,
+        relevance: 0.9,
+        importance: 0.8,
+        score: 0.0,
+        created_at: troupe::store::now(),
+        last_used: None,
+        uses: 0,
+        superseded_by: None,
+        session_id: None,
+    };
+    let first = memories
+        .add_item(note("n1", "The wifi password is on the fridge"))
+        .await
+        .unwrap();
+    assert!(matches!(first, AddOutcome::Stored { .. }), "{first:?}");
+    // The same text again, in another case: a duplicate, nothing written.
+    let again = memories
+        .add_item(note("n2", "the WIFI password is on the Fridge"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&again, AddOutcome::Duplicate { existing } if existing == "n1"),
+        "{again:?}"
+    );
+    // Another text of the same length is not a duplicate.
+    let other = memories
+        .add_item(note("n3", "The wifi password is in the fridge"))
+        .await
+        .unwrap();
+    assert!(matches!(other, AddOutcome::Stored { .. }), "{other:?}");
+    let ids: Vec<String> = memories
+        .list("notes")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(!ids.contains(&"n2".to_string()));
+}
+
+#[tokio::test]
+async fn a_repeated_note_without_a_subject_is_a_duplicate() {
+    let server = FakeServer::start();
+    repeated_note(&runtime(&server, config(None), false).await).await;
+    let dir = tempfile::tempdir().unwrap();
+    repeated_note(&runtime(&server, config(Some(&dir.path().join("n.db"))), true).await).await;
+}

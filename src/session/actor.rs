@@ -658,7 +658,12 @@ async fn with_memories(
         {
             Ok(v) => v,
             Err(StoreError::Unsupported(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
+            // Recall makes a turn better, not possible: a failed read leaves
+            // the memories out of this prompt instead of failing the turn.
+            Err(e) => {
+                tracing::warn!(user = %lt.user, error = %e, "memory recall failed; this turn goes without memories");
+                Vec::new()
+            }
         }
     };
     if let Some(system) = request.messages.first_mut() {

@@ -505,6 +505,16 @@ impl Store for MemoryStore {
                 m.superseded_by = Some(item.id.clone());
                 out.superseded.push(m.id.clone());
             }
+        } else if let Some(d) = list.iter().find(|m| {
+            // Without a subject nothing is superseded, but the same text
+            // again (ignoring case) is a duplicate.
+            m.superseded_by.is_none()
+                && m.subject.is_none()
+                && m.kind == item.kind
+                && m.content.to_lowercase() == item.content.to_lowercase()
+        }) {
+            out.duplicate_of = Some(d.id.clone());
+            return Ok(out);
         }
         let mut new = item.clone();
         new.superseded_by = None;

@@ -2040,6 +2040,29 @@ fn apply_memory_put(
             stmt.execute(params![id, item.id])?;
             out.superseded.push(id);
         }
+    } else {
+        // Without a subject nothing is superseded, but the same text again
+        // (ignoring case) is still a duplicate. Candidates are the user's
+        // active memories of the kind with the same length in characters
+        // (an index range of at most `max` rows), compared in Rust, since
+        // SQLite's lower() folds only ASCII.
+        let lower = item.content.to_lowercase();
+        let mut stmt = tx.prepare_cached(
+            "SELECT id, content FROM memories WHERE user_id = ?1 AND active = 1 \
+             AND subject IS NULL AND kind = ?2 AND length(content) = ?3",
+        )?;
+        let mut rows = stmt.query(params![
+            item.user_id,
+            item.kind.as_str(),
+            item.content.chars().count() as i64
+        ])?;
+        while let Some(row) = rows.next()? {
+            let content: String = row.get(1)?;
+            if content.to_lowercase() == lower {
+                out.duplicate_of = Some(row.get(0)?);
+                return Ok(out);
+            }
+        }
     }
     tx.prepare_cached(
         "INSERT INTO memories (id, user_id, content, kind, subject, relevance, \
