@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpResponse, HttpServer};
@@ -84,9 +85,9 @@ impl FakeServer {
                 api_key: None,
                 temperature: None,
                 max_tokens: None,
-                timeout: std::time::Duration::from_secs(5),
+                timeout: Duration::from_secs(5),
                 max_retries: 0,
-                backoff: std::time::Duration::from_millis(10),
+                backoff: Duration::from_millis(10),
             })
             .unwrap(),
         )
@@ -685,4 +686,30 @@ async fn a_repeated_note_without_a_subject_is_a_duplicate() {
     repeated_note(&runtime(&server, config(None), false).await).await;
     let dir = tempfile::tempdir().unwrap();
     repeated_note(&runtime(&server, config(Some(&dir.path().join("n.db"))), true).await).await;
+}
+
+#[tokio::test]
+async fn forgetting_waits_for_a_turn_in_flight_so_what_it_learns_is_forgotten_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = troupe::test_utils::ScriptedModel::with_delay(Duration::from_millis(400));
+    let rt = Runtime::builder()
+        .config(config(Some(&dir.path().join("f.db"))))
+        .model(model)
+        .build()
+        .await
+        .unwrap();
+    let s = rt.session("inflight").user("ivy").open().await.unwrap();
+    // The turn states a fact; its memory is written after the (slow) reply.
+    let turn = tokio::spawn({
+        let s = s.clone();
+        async move { s.chat("My favourite colour is green").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    rt.forget_user("ivy", false).await.unwrap();
+    turn.await.unwrap().unwrap();
+    assert!(
+        rt.memories().history("ivy").await.unwrap().is_empty(),
+        "a memory of a turn that was in flight survived forget_user"
+    );
+    rt.shutdown().await.unwrap();
 }

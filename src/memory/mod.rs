@@ -501,13 +501,39 @@ impl Runtime {
                 }
             }
         }
-        let memories_deleted = core.store.forget_user(user).await?;
+        // Turns in flight on the user's live sessions store what they learn
+        // after their commit: let them end (passivating waits for the turn in
+        // hand) before deleting, and once more after, so a turn that was
+        // taken while the first deletion ran is deleted too.
+        drain_user(&core, user).await?;
+        let mut memories_deleted = core.store.forget_user(user).await?;
+        drain_user(&core, user).await?;
+        memories_deleted += core.store.forget_user(user).await?;
         Ok(ForgetReport {
             user_id: user.to_string(),
             memories_deleted,
             sessions_deleted,
         })
     }
+}
+
+/// Stops the user's live sessions after the turns they have taken (their
+/// state is durable; the next call reactivates them from the store).
+async fn drain_user(core: &crate::runtime::Core, user: &str) -> Result<()> {
+    let sessions = core
+        .store
+        .list_sessions(&SessionFilter {
+            user_id: Some(user.to_string()),
+            ..Default::default()
+        })
+        .await?;
+    for s in sessions {
+        if let Some(addr) = core.registry.get(&s.id) {
+            let _ = addr.send(crate::session::actor::Passivate).await;
+            core.registry.forget(&s.id, &addr);
+        }
+    }
+    Ok(())
 }
 
 /// Whether a store error means "this backend has no memories": the
