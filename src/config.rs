@@ -289,6 +289,10 @@ pub struct ServerConfig {
     pub node_id: String,
     /// HTTP worker threads; 0 = one per core.
     pub workers: usize,
+    /// How long a graceful stop waits for requests in flight (their turns
+    /// included), seconds; 0 = derived from `[model]`:
+    /// `(max_retries + 1) × timeout_secs + 10`.
+    pub shutdown_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -301,6 +305,7 @@ impl Default for ServerConfig {
             allow_public_without_auth: false,
             node_id: String::new(),
             workers: 0,
+            shutdown_timeout_secs: 0,
         }
     }
 }

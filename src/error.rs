@@ -82,6 +82,14 @@ impl Error {
         )
     }
 
+    /// Whether the session actor must drop its state and reload from the
+    /// store before the next call: another writer or node changed it
+    /// ([`is_conflict`](Self::is_conflict)), or a write was sent but its
+    /// outcome is unknown (it may have been applied).
+    pub fn must_reload(&self) -> bool {
+        self.is_conflict() || matches!(self, Error::Store(StoreError::OutcomeUnknown { .. }))
+    }
+
     /// Whether a shared-state write was refused because the key's version moved on.
     pub fn is_version_mismatch(&self) -> bool {
         matches!(self, Error::Store(StoreError::VersionMismatch { .. }))

@@ -239,8 +239,11 @@ async fn expired_sessions_leave_no_key_behind() {
             let prefix = &prefix;
             async move {
                 let keys = store.keys().await.unwrap();
-                keys.iter()
-                    .all(|k| *k == format!("{prefix}sessions") || *k == format!("{prefix}sh:ns"))
+                keys.iter().all(|k| {
+                    *k == format!("{prefix}sessions")
+                        || *k == format!("{prefix}sh:ns")
+                        || *k == format!("{prefix}epochs")
+                })
             }
         },
     )
@@ -252,10 +255,12 @@ async fn expired_sessions_leave_no_key_behind() {
         .await
         .unwrap()
         .is_empty());
-    let left = store.keys().await.unwrap();
+    // Left: shared state, and the one epoch counter of all sessions.
+    let mut left = store.keys().await.unwrap();
+    left.sort();
     assert_eq!(
         left,
-        vec![format!("{prefix}sh:ns")],
+        vec![format!("{prefix}epochs"), format!("{prefix}sh:ns")],
         "orphan keys: {left:?}"
     );
     store.delete_all_keys().await.unwrap();
@@ -393,6 +398,254 @@ async fn one_node_at_a_time_and_the_epoch_grows_with_each_owner() {
     let texts: Vec<_> = loaded.recent.iter().map(|m| m.content.as_str()).collect();
     assert_eq!(texts, ["a1", "re: a1", "b1", "re: b1"]);
     c.delete_all_keys().await.unwrap();
+}
+
+async fn raw_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+async fn raw_get(url: &str, key: &str) -> Option<String> {
+    let mut c = raw_conn(url).await;
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_stale_node_cannot_write_over_a_deleted_and_recreated_session() {
+    let Some(url) = redis_url("a_stale_node_cannot_write_over_a_deleted_and_recreated_session")
+    else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let mut oa = options(&url, &prefix, "node-a");
+    oa.lease = Duration::from_secs(60);
+    let mut ob = options(&url, &prefix, "node-b");
+    ob.lease = Duration::from_secs(60);
+    ob.lease_wait = Duration::ZERO;
+    let a = open(oa).await;
+    let b = open(ob).await;
+
+    // A activates and writes: version 3, its epoch held.
+    let mut wa = Writer::create(&a, "reborn").await.unwrap();
+    wa.turn(&a, "a1", false, false).await.unwrap();
+    wa.turn(&a, "a2", false, false).await.unwrap();
+    assert_eq!(wa.record.state_version, 3);
+    let ea = a.held_epoch("reborn").unwrap();
+
+    // B deletes the session, recreates it, writes it up to the same version
+    // and lets it go (its lease is free again).
+    assert!(b.delete_session("reborn", None).await.unwrap());
+    let mut wb = Writer::create(&b, "reborn").await.unwrap();
+    wb.turn(&b, "b1", false, false).await.unwrap();
+    wb.turn(&b, "b2", false, false).await.unwrap();
+    assert_eq!(wb.record.state_version, 3);
+    assert_ne!(b.held_epoch("reborn"), Some(ea), "epochs never repeat");
+    b.release("reborn");
+    b.flush().await.unwrap();
+
+    // A's stale actor writes with its old epoch and the same version: on
+    // its old segment, and on a new branch. Both are refused as conflicts.
+    let mut on_branch = Writer {
+        record: wa.record.clone(),
+        segment: wa.segment,
+        next_seq: wa.next_seq,
+    };
+    for (w, branch) in [(&mut wa, false), (&mut on_branch, true)] {
+        let err = w
+            .turn(&a, "stale", branch, false)
+            .await
+            .err()
+            .unwrap_or_else(|| {
+                panic!(
+                    "branch {branch}: the stale write was accepted (epoch {ea}, now {:?})",
+                    a.held_epoch("reborn")
+                )
+            });
+        assert!(
+            matches!(
+                err,
+                StoreError::Fenced { .. }
+                    | StoreError::Conflict { .. }
+                    | StoreError::OwnedElsewhere { .. }
+            ),
+            "branch {branch}: {err}"
+        );
+    }
+    // The recreated session is intact, and B (or anyone) goes on with it.
+    let loaded = b.load_session("reborn", 100).await.unwrap().unwrap();
+    assert_eq!(loaded.record, wb.record);
+    let texts: Vec<_> = loaded.recent.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(texts, ["b1", "re: b1", "b2", "re: b2"]);
+    wb.turn(&b, "b3", false, false).await.unwrap();
+    b.delete_all_keys().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_commit_on_a_stale_picture_of_the_messages_is_a_conflict() {
+    let Some(url) = redis_url("a_commit_on_a_stale_picture_of_the_messages_is_a_conflict") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let a = open(options(&url, &prefix, "node-a")).await;
+    let mut w = Writer::create(&a, "s").await.unwrap();
+    w.turn(&a, "one", false, false).await.unwrap();
+    // Right version, but the messages do not land at the end of the segment.
+    let mut behind = Writer {
+        record: w.record.clone(),
+        segment: w.segment,
+        next_seq: 0,
+    };
+    let err = behind.turn(&a, "again", false, false).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    // A segment the session does not own.
+    let mut foreign = Writer {
+        record: w.record.clone(),
+        segment: Some(new_segment_id()),
+        next_seq: 0,
+    };
+    let err = foreign
+        .turn(&a, "elsewhere", false, false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    w.turn(&a, "two", false, false).await.unwrap();
+    a.delete_all_keys().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_activation_takes_a_new_epoch_so_a_late_release_frees_nothing() {
+    let Some(url) = redis_url("every_activation_takes_a_new_epoch_so_a_late_release_frees_nothing")
+    else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let mut oa = options(&url, &prefix, "node-a");
+    oa.lease = Duration::from_secs(60);
+    let mut ob = options(&url, &prefix, "node-b");
+    ob.lease = Duration::from_secs(60);
+    ob.lease_wait = Duration::ZERO;
+    let a = open(oa).await;
+    let b = open(ob).await;
+    let lease_key = format!("{prefix}s:{{again}}:lease");
+    let mut w = Writer::create(&a, "again").await.unwrap();
+    w.turn(&a, "one", false, false).await.unwrap();
+    let e1 = a.held_epoch("again").unwrap();
+    // Activating again while this instance's lease is live: a new epoch.
+    a.load_session("again", 10).await.unwrap().unwrap();
+    let e2 = a.held_epoch("again").unwrap();
+    assert!(e2 > e1, "{e2} > {e1}");
+    assert!(raw_get(&url, &lease_key)
+        .await
+        .is_some_and(|l| l.ends_with(&format!("|{e2}"))));
+
+    // The old actor leaves (its release goes in the background) while the
+    // new one activates: the late release must not delete the new lease.
+    for _ in 0..20 {
+        a.release("again");
+        a.load_session("again", 10).await.unwrap().unwrap();
+        a.flush().await.unwrap();
+        let held = a.held_epoch("again").unwrap();
+        let lease = raw_get(&url, &lease_key).await;
+        assert_eq!(
+            lease
+                .as_deref()
+                .and_then(|l| l.rsplit_once('|'))
+                .map(|(_, e)| e.to_string()),
+            Some(held.to_string()),
+            "the live actor's lease is gone: {lease:?}"
+        );
+        // So no second node can activate it meanwhile.
+        assert!(matches!(
+            b.load_session("again", 10).await,
+            Err(StoreError::OwnedElsewhere { .. })
+        ));
+    }
+    a.delete_all_keys().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_commit_leaves_no_key_behind() {
+    let Some(url) = redis_url("a_refused_commit_leaves_no_key_behind") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let a = open(options(&url, &prefix, "node-a")).await;
+    let c = open(options(&url, &prefix, "node-c")).await;
+    let mut w = Writer::create(&a, "gone").await.unwrap();
+    w.turn(&a, "one", false, false).await.unwrap();
+    assert!(a.delete_session("gone", None).await.unwrap());
+    // A writer holding no epoch (another node, or one whose lease was
+    // forgotten) commits to the deleted session: refused, nothing created.
+    let mut stale = Writer {
+        record: w.record.clone(),
+        segment: None,
+        next_seq: 0,
+    };
+    let err = stale.turn(&c, "late", true, false).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    let left: Vec<String> = c
+        .keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.contains("{gone}"))
+        .collect();
+    assert!(left.is_empty(), "orphan keys: {left:?}");
+    a.delete_all_keys().await.unwrap();
+}
+
+#[tokio::test]
+async fn forget_user_never_reuses_a_write_count() {
+    let Some(url) = redis_url("forget_user_never_reuses_a_write_count") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let a = open(options(&url, &prefix, "node-a")).await;
+    let key = format!("{prefix}u:{{alice}}:v");
+    let put = |n: usize| {
+        let a = &a;
+        async move {
+            let item = troupe::store::MemoryItem {
+                id: uuid::Uuid::new_v4().to_string(),
+                user_id: "alice".into(),
+                content: format!("fact number {n}"),
+                kind: troupe::store::MemoryKind::Fact,
+                subject: None,
+                relevance: 0.5,
+                importance: 0.5,
+                score: 0.5,
+                created_at: now(),
+                last_used: None,
+                uses: 0,
+                superseded_by: None,
+                session_id: None,
+            };
+            a.memory_put(&item, 100).await.unwrap();
+        }
+    };
+    let mut seen = Vec::new();
+    for n in 0..3 {
+        put(n).await;
+        seen.push(raw_get(&url, &key).await.unwrap());
+    }
+    assert_eq!(a.forget_user("alice").await.unwrap(), 3);
+    for n in 0..3 {
+        put(n).await;
+        let v = raw_get(&url, &key).await.unwrap();
+        assert!(
+            !seen.contains(&v),
+            "write count {v} came back after forget_user ({seen:?})"
+        );
+    }
+    assert_eq!(a.memory_list("alice", true).await.unwrap().len(), 3);
+    a.delete_all_keys().await.unwrap();
 }
 
 // ---- two runtimes, one session ----
@@ -563,8 +816,15 @@ async fn redis_down_fails_fast_and_the_store_recovers_with_every_acknowledged_tu
             "{:?}",
             started.elapsed()
         );
+        // Refused: Unavailable. The first write may meet the dead
+        // connection instead, where it cannot tell whether it was sent:
+        // OutcomeUnknown (Redis was killed before, so it was not applied).
         assert!(
-            matches!(err, StoreError::Unavailable { ref url, .. } if url.contains(&port.to_string())),
+            matches!(
+                err,
+                StoreError::Unavailable { ref url, .. } | StoreError::OutcomeUnknown { ref url, .. }
+                    if url.contains(&port.to_string())
+            ),
             "{err}"
         );
         let err = s.load_session("steady", 1).await.unwrap_err();
@@ -595,6 +855,92 @@ async fn redis_down_fails_fast_and_the_store_recovers_with_every_acknowledged_tu
     assert_eq!(users, acked);
     let _ = server.kill();
     let _ = server.wait();
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} of the private redis-server");
+}
+
+#[tokio::test]
+async fn a_commit_without_answer_is_resolved_by_reading_back_or_reported_as_unknown() {
+    if redis_url("a_commit_without_answer_is_resolved_by_reading_back_or_reported_as_unknown")
+        .is_none()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = start_redis(port, dir.path());
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let mut o = options(&url, "paused:", "node-a");
+    o.response_timeout = Duration::from_millis(400);
+    let store = open(o).await;
+    let s: &dyn Store = &store;
+    let mut w = Writer::create(s, "paused").await.unwrap();
+    w.turn(s, "before", false, false).await.unwrap();
+
+    // Redis stops answering past the response timeout, then resumes: the
+    // commit was sent, so it runs when Redis resumes. The store reads the
+    // session back and finds it applied: Ok, not a failure inviting a retry.
+    signal(&server, "-STOP");
+    let resume = std::thread::spawn({
+        let pid = server.id();
+        move || {
+            std::thread::sleep(Duration::from_millis(600));
+            let _ = Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        }
+    });
+    w.turn(s, "during a pause", false, false)
+        .await
+        .expect("applied, and found so by reading back");
+    resume.join().unwrap();
+
+    // Paused for longer than the store waits: it cannot tell.
+    signal(&server, "-STOP");
+    let mut unknown = Writer {
+        record: w.record.clone(),
+        segment: w.segment,
+        next_seq: w.next_seq,
+    };
+    let err = unknown
+        .turn(s, "during a long pause", false, false)
+        .await
+        .unwrap_err();
+    signal(&server, "-CONT");
+    assert!(
+        matches!(err, StoreError::OutcomeUnknown { ref url, .. } if url.contains(&port.to_string())),
+        "{err}"
+    );
+    // It may well have been applied (here it was): whoever retries reloads first.
+    let loaded = eventually_loaded(s, "paused").await;
+    let users: Vec<_> = loaded
+        .recent
+        .iter()
+        .filter(|m| m.role == Role::User)
+        .map(|m| m.content.as_str())
+        .collect();
+    assert_eq!(users, ["before", "during a pause", "during a long pause"]);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+async fn eventually_loaded(s: &dyn Store, id: &str) -> troupe::store::LoadedSession {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match s.load_session(id, 100).await {
+            Ok(Some(l)) => return l,
+            other => {
+                assert!(Instant::now() < deadline, "cannot load {id}: {other:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

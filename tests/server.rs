@@ -1163,6 +1163,201 @@ async fn admin_key_and_session_tokens_guard_every_route() {
 }
 
 #[tokio::test]
+async fn only_the_admin_sets_or_changes_a_sessions_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(config(dir.path()), None).await;
+    let keys = TokenKeys::parse("k1:secret").unwrap();
+    let server = start(&rt, Auth::new("adm", Some(keys.clone())));
+    let anon = Api::new(&server);
+    let admin = anon.with_bearer("adm");
+    // The victim: a user with a profile, reached through their own session.
+    let r = admin
+        .post(
+            "/v1/sessions",
+            json!({"session_id": "victim-s", "user_id": "victim"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let r = admin
+        .call(
+            Method::PATCH,
+            "/v1/sessions/victim-s/profile",
+            Some(json!({"secret": "victim's address"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    admin.create("A").await;
+    let a = anon.with_bearer(&issue_token(&keys, "A", Duration::from_secs(600)).unwrap());
+    let user_of = |r: &Reply| r.body["user_id"].clone();
+
+    // A token cannot give its session a user …
+    let r = a
+        .post(
+            "/v1/sessions",
+            json!({"session_id": "A", "user_id": "victim"}),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.code(), "forbidden");
+    assert!(
+        r.message().contains("'A'") && r.message().contains("only the admin"),
+        "{r:?}"
+    );
+    let got = admin.get("/v1/sessions/A").await;
+    assert_eq!(user_of(&got), Value::Null, "{got:?}");
+    assert_eq!(got.body["profile"], json!({}), "{got:?}");
+    // … nor by deleting its session and creating it again with one.
+    assert_eq!(
+        a.call(Method::DELETE, "/v1/sessions/A", None).await.status,
+        204
+    );
+    let r = a
+        .post(
+            "/v1/sessions",
+            json!({"session_id": "A", "user_id": "victim"}),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(admin.get("/v1/sessions/A").await.status, 404);
+    // Re-created without a user: it gets none.
+    let r = a.post("/v1/sessions", json!({"session_id": "A"})).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(user_of(&r), Value::Null, "{r:?}");
+    let r = a.chat("A", "hello").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let got = admin.get("/v1/sessions/A").await;
+    assert_eq!(user_of(&got), Value::Null, "{got:?}");
+    assert_eq!(got.body["profile"], json!({}), "{got:?}");
+
+    // A session the admin gave a user: the token may name that user (no
+    // change), but not another one.
+    let r = admin
+        .post("/v1/sessions", json!({"session_id": "B", "user_id": "bob"}))
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let b = anon.with_bearer(&issue_token(&keys, "B", Duration::from_secs(600)).unwrap());
+    let r = b
+        .post("/v1/sessions", json!({"session_id": "B", "user_id": "bob"}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(user_of(&r), "bob");
+    let r = b
+        .post(
+            "/v1/sessions",
+            json!({"session_id": "B", "user_id": "victim"}),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(user_of(&admin.get("/v1/sessions/B").await), "bob");
+
+    // The admin may set and change it.
+    let r = admin
+        .post(
+            "/v1/sessions",
+            json!({"session_id": "A", "user_id": "carol"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(user_of(&r), "carol");
+    let r = admin
+        .post(
+            "/v1/sessions",
+            json!({"session_id": "B", "user_id": "dave"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(user_of(&r), "dave");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn token_keys_without_an_admin_key_still_turn_auth_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(config(dir.path()), None).await;
+    let mut cfg = rt.config().server.clone();
+    // Variables of this test only: the admin key's is never set.
+    cfg.api_key_env = "TROUPE_TEST_TOKENS_ONLY_ADMIN_KEY_UNSET".into();
+    cfg.token_keys_env = "TROUPE_TEST_TOKENS_ONLY_KEYS".into();
+    std::env::set_var(&cfg.token_keys_env, "k1:only-tokens-secret");
+    let auth = Auth::from_env(&cfg).unwrap();
+    assert!(auth.is_on() && auth.has_token_keys() && !auth.has_admin_key());
+    // Auth is on, so a public address is allowed.
+    assert!(Server::new(rt.clone(), cfg.clone())
+        .bind("0.0.0.0:0")
+        .is_ok());
+    let server = Server::new(rt.clone(), cfg)
+        .bind("127.0.0.1:0")
+        .unwrap()
+        .run()
+        .unwrap();
+    let anon = Api::new(&server);
+    // No credential: 401, not the admin.
+    let r = anon.get("/v1/sessions").await;
+    assert_eq!(r.status, 401, "{r:?}");
+    let r = anon.post("/v1/sessions", json!({"session_id": "x"})).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(anon.get("/metrics").await.status, 401);
+    // An empty or made-up bearer is no admin key either.
+    for bearer in ["", " ", "anything"] {
+        let r = anon
+            .send(
+                anon.request(Method::GET, "/v1/sessions")
+                    .header("Authorization", format!("Bearer {bearer}")),
+            )
+            .await;
+        assert_eq!(r.status, 401, "{bearer:?}: {r:?}");
+    }
+    // Tokens work on their session; admin routes are refused.
+    let keys = TokenKeys::parse("k1:only-tokens-secret").unwrap();
+    let t = anon.with_bearer(&issue_token(&keys, "tok-only", Duration::from_secs(600)).unwrap());
+    assert_eq!(t.create("tok-only").await.status, 201);
+    assert_eq!(t.chat("tok-only", "hi").await.status, 200);
+    assert_eq!(t.get("/v1/sessions").await.status, 403);
+    assert_eq!(t.get("/metrics").await.status, 403);
+    assert_eq!(t.get("/v1/sessions/other").await.status, 403);
+    // Public routes stay public.
+    assert_eq!(anon.get("/healthz").await.status, 200);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_graceful_stop_waits_as_long_as_a_turn_can_take() {
+    use troupe::server::shutdown_timeout_for;
+    let c = Config::default();
+    // 0 (the default): every model attempt, plus 10 s.
+    assert_eq!(c.server.shutdown_timeout_secs, 0);
+    assert_eq!(
+        shutdown_timeout_for(&c.server, &c.model),
+        Duration::from_secs((u64::from(c.model.max_retries) + 1) * c.model.timeout_secs + 10)
+    );
+    let mut c2 = c.clone();
+    c2.model.timeout_secs = 120;
+    c2.model.max_retries = 2;
+    assert_eq!(
+        shutdown_timeout_for(&c2.server, &c2.model),
+        Duration::from_secs(370)
+    );
+    c2.server.shutdown_timeout_secs = 7;
+    assert_eq!(
+        shutdown_timeout_for(&c2.server, &c2.model),
+        Duration::from_secs(7)
+    );
+    // The server uses it (unless set with `shutdown_timeout`).
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.model.timeout_secs = 100;
+    cfg.model.max_retries = 3;
+    let rt = runtime(cfg, None).await;
+    let s = Server::new(rt.clone(), rt.config().server.clone());
+    assert!(format!("{s:?}").contains("shutdown_timeout: 410s"), "{s:?}");
+    let s = s.shutdown_timeout(Duration::from_secs(3));
+    assert!(format!("{s:?}").contains("shutdown_timeout: 3s"), "{s:?}");
+    // And it reads as a `[server]` key.
+    let parsed: Config = toml::from_str("[server]\nshutdown_timeout_secs = 42\n").unwrap();
+    assert_eq!(parsed.server.shutdown_timeout_secs, 42);
+}
+
+#[tokio::test]
 async fn auth_off_binds_only_to_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime(config(dir.path()), None).await;

@@ -295,6 +295,172 @@ async fn session_tokens_reach_only_their_session_on_the_compatible_endpoints() {
 }
 
 #[tokio::test]
+async fn a_session_token_never_selects_a_user_on_the_compatible_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = TokenKeys::parse("k1:secret").unwrap();
+    let (rt, server) = start(dir.path(), Auth::new("admin", Some(keys.clone()))).await;
+    let http = http();
+    let base = server.url();
+    let token = issue_token(&keys, "tok-u", Duration::from_secs(600)).unwrap();
+    let user_of = |id: &'static str| {
+        let rt = rt.clone();
+        async move {
+            let s = rt.session(id).existing().open().await.unwrap();
+            s.metadata().await.unwrap().user_id
+        }
+    };
+    let completions = format!("{base}/v1/chat/completions");
+    let msg = json!([{"role": "user", "content": "hi"}]);
+    // `user` as the session id (no X-Session-Id): the session is created
+    // without a user.
+    let r = http
+        .post(&completions)
+        .bearer_auth(&token)
+        .json(&json!({"model": "assistant", "messages": msg, "user": "tok-u"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, headers, _, text) = json_of(r).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(headers["x-session-id"], "tok-u");
+    assert_eq!(user_of("tok-u").await, None);
+    // With X-Session-Id, `user` names a user: ignored for a token, also
+    // after deleting the session so that this request creates it.
+    for _ in 0..2 {
+        let r = http
+            .post(&completions)
+            .bearer_auth(&token)
+            .header("X-Session-Id", "tok-u")
+            .json(&json!({"model": "assistant", "messages": msg, "user": "victim"}))
+            .send()
+            .await
+            .unwrap();
+        let (status, _, _, text) = json_of(r).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(user_of("tok-u").await, None);
+        let r = http
+            .delete(format!("{base}/v1/sessions/tok-u"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 204);
+    }
+    // PraisonAI's user_id (its clients always send one): ignored for a
+    // token, never a way to reach another user.
+    let agent = format!("{base}/agents/assistant");
+    let r = http
+        .post(&agent)
+        .bearer_auth(&token)
+        .json(&json!({"query": "hello", "session_id": "tok-u", "user_id": "victim"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, _, _, text) = json_of(r).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        user_of("tok-u").await,
+        None,
+        "a token's user_id selected a user"
+    );
+    let r = http
+        .post(&agent)
+        .bearer_auth(&token)
+        .json(&json!({"query": "hello", "session_id": "tok-u"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(r).await.0, 200);
+    assert_eq!(user_of("tok-u").await, None);
+    // The admin sets users, on both endpoints.
+    let r = http
+        .post(&agent)
+        .bearer_auth("admin")
+        .json(&json!({"query": "hello", "session_id": "adm-p", "user_id": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(r).await.0, 200);
+    assert_eq!(user_of("adm-p").await.as_deref(), Some("alice"));
+    let r = http
+        .post(&completions)
+        .bearer_auth("admin")
+        .header("X-Session-Id", "adm-o")
+        .json(&json!({"model": "assistant", "messages": msg, "user": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(r).await.0, 200);
+    assert_eq!(user_of("adm-o").await.as_deref(), Some("alice"));
+    // Once the admin gave tok-u a user, the token may name that one.
+    let r = http
+        .post(format!("{base}/v1/sessions"))
+        .bearer_auth("admin")
+        .json(&json!({"session_id": "tok-u", "user_id": "bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(r).await.0, 200);
+    let r = http
+        .post(&agent)
+        .bearer_auth(&token)
+        .json(&json!({"query": "hello", "session_id": "tok-u", "user_id": "bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(r).await.0, 200);
+    assert_eq!(user_of("tok-u").await.as_deref(), Some("bob"));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn openai_messages_must_end_with_the_new_user_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, server) = start(dir.path(), Auth::off()).await;
+    let http = http();
+    let base = server.url();
+    let url = format!("{base}/v1/chat/completions");
+    let ask = |messages: Value| {
+        http.post(&url)
+            .header("X-Session-Id", "oa-tools")
+            .json(&json!({"model": "assistant", "messages": messages}))
+            .send()
+    };
+    let r = ask(json!([{"role": "user", "content": "What is the weather?"}]))
+        .await
+        .unwrap();
+    assert_eq!(json_of(r).await.0, 200);
+    // A tool-calling client sends the tool's result (or ends with the
+    // assistant's message): the old user message must not be replayed.
+    for (last, role) in [
+        (
+            json!({"role": "tool", "tool_call_id": "c1", "content": "sunny"}),
+            "tool",
+        ),
+        (
+            json!({"role": "assistant", "content": "It is sunny."}),
+            "assistant",
+        ),
+    ] {
+        let r = ask(json!([
+            {"role": "user", "content": "What is the weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "weather", "arguments": "{}"}}]},
+            last
+        ]))
+        .await
+        .unwrap();
+        let (status, _, body, text) = json_of(r).await;
+        assert_eq!(status, 400, "{text}");
+        assert_eq!(body["error"]["code"], "bad_request");
+        let m = body["error"]["message"].as_str().unwrap();
+        assert!(m.contains(&format!("\"{role}\"")), "{m}");
+    }
+    assert_eq!(history(&http, &base, "oa-tools").await.len(), 2);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn the_official_openai_python_client_talks_to_a_persistent_session() {
     let Some(python) = std::env::var_os("TROUPE_TEST_PYTHON") else {
         eprintln!(

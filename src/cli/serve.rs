@@ -3,7 +3,7 @@
 use clap::{Args, Subcommand};
 use troupe::config::ConfigError;
 use troupe::server::auth::{issue_token, parse_ttl, TokenKeys};
-use troupe::server::Server;
+use troupe::server::{shutdown_timeout_for, Server};
 use troupe::{Config, Error, Runtime};
 
 /// `troupe serve`: the daemon.
@@ -68,8 +68,12 @@ pub async fn serve(mut config: Config, args: ServeArgs) -> troupe::Result<()> {
         config.server.node_id = node;
     }
     let server_config = config.server.clone();
+    // Long enough for a turn in flight to finish (all its model retries):
+    // a shorter wait would drop the replies of turns that still commit.
+    let grace = shutdown_timeout_for(&server_config, &config.model);
     let rt = Runtime::builder().config(config).build().await?;
     let handle = match Server::new(rt.clone(), server_config.clone())
+        .shutdown_timeout(grace)
         .bind(&server_config.bind)
         .and_then(Server::run)
     {
@@ -81,7 +85,10 @@ pub async fn serve(mut config: Config, args: ServeArgs) -> troupe::Result<()> {
     };
     eprintln!("troupe: listening on {}", handle.url());
     shutdown_signal().await;
-    eprintln!("troupe: shutting down (finishing in-flight requests)");
+    eprintln!(
+        "troupe: shutting down (finishing in-flight requests, waiting up to {} s)",
+        grace.as_secs()
+    );
     handle.stop().await?;
     eprintln!("troupe: stopped");
     Ok(())

@@ -1,8 +1,11 @@
 //! Authentication: an admin API key and HMAC-SHA256 signed session tokens.
 //!
-//! Auth is on when an admin key is configured (the variable
-//! `server.api_key_env` names). Then every route but the health checks and
-//! the OpenAPI document needs `Authorization: Bearer <credential>`, where the
+//! Auth is on when an admin key (the variable `server.api_key_env` names)
+//! or session-token keys (`server.token_keys_env`) are configured. With
+//! token keys but no admin key, tokens work and admin routes are refused to
+//! everyone (nobody holds the admin credential). When auth is on, every
+//! route but the health checks and the OpenAPI document needs
+//! `Authorization: Bearer <credential>`, where the
 //! credential is either the admin key (reaches everything) or a session
 //! token (reaches only its own session: `/v1/sessions/{that id}/…`, and the
 //! OpenAI- and PraisonAI-compatible endpoints with that session id).
@@ -306,7 +309,9 @@ fn secret_eq(a: &str, b: &str) -> bool {
         == 0
 }
 
-/// The server's credentials: an admin key (auth on when set) and the token keys.
+/// The server's credentials: an admin key and the token keys. Auth is on
+/// when either is set; with token keys but no admin key, tokens work and
+/// nobody is the admin.
 #[derive(Clone, Debug, Default)]
 pub struct Auth {
     api_key: Option<String>,
@@ -320,19 +325,21 @@ impl Auth {
         Auth::default()
     }
 
-    /// Admin key `api_key`, and session tokens signed with `token_keys` if given.
+    /// Admin key `api_key` (surrounding whitespace removed; an empty key is
+    /// no admin key), and session tokens signed with `token_keys` if given.
     pub fn new(api_key: impl Into<String>, token_keys: Option<TokenKeys>) -> Auth {
         Auth {
-            api_key: Some(api_key.into()),
+            api_key: clean_key(api_key.into()),
             token_keys,
         }
     }
 
     /// Reads the admin key and token keys from the variables `config` names.
+    /// The key is trimmed (a secrets file often ends with a newline), as the
+    /// presented credential is. Token keys without an admin key turn auth on
+    /// with no admin credential (see [`has_admin_key`](Self::has_admin_key)).
     pub fn from_env(config: &ServerConfig) -> Result<Auth, KeyError> {
-        let api_key = std::env::var(&config.api_key_env)
-            .ok()
-            .filter(|k| !k.trim().is_empty());
+        let api_key = std::env::var(&config.api_key_env).ok().and_then(clean_key);
         let token_keys = TokenKeys::from_env(&config.token_keys_env)?;
         Ok(Auth {
             api_key,
@@ -340,8 +347,15 @@ impl Auth {
         })
     }
 
-    /// Whether requests need credentials.
+    /// Whether requests need credentials: an admin key or token keys are
+    /// configured.
     pub fn is_on(&self) -> bool {
+        self.api_key.is_some() || self.token_keys.is_some()
+    }
+
+    /// Whether an admin key is configured. Auth on without one (token keys
+    /// only) means admin routes are refused to everyone.
+    pub fn has_admin_key(&self) -> bool {
         self.api_key.is_some()
     }
 
@@ -352,9 +366,9 @@ impl Auth {
 
     /// Who is calling, from the `Authorization` header's value (if any).
     pub fn authenticate(&self, header: Option<&str>) -> Result<Caller, ApiError> {
-        let Some(admin) = &self.api_key else {
+        if !self.is_on() {
             return Ok(Caller::Admin);
-        };
+        }
         let Some(header) = header else {
             return Err(ApiError::Unauthorized(
                 "authentication required: send Authorization: Bearer <API key or session token>"
@@ -370,13 +384,19 @@ impl Auth {
                     "the Authorization header must be 'Bearer <API key or session token>'".into(),
                 )
             })?;
-        if secret_eq(credential, admin) {
-            return Ok(Caller::Admin);
+        if let Some(admin) = &self.api_key {
+            if secret_eq(credential, admin) {
+                return Ok(Caller::Admin);
+            }
         }
         if !credential.starts_with("tt1.") {
-            return Err(ApiError::Unauthorized(
-                "the bearer credential is neither the API key nor a session token".into(),
-            ));
+            return Err(ApiError::Unauthorized(if self.api_key.is_some() {
+                "the bearer credential is neither the API key nor a session token".into()
+            } else {
+                "the bearer credential is not a session token (no admin API key is configured: \
+                 set server.api_key_env)"
+                    .into()
+            }));
         }
         let keys = self.token_keys.as_ref().ok_or_else(|| {
             ApiError::Unauthorized(
@@ -388,6 +408,12 @@ impl Auth {
             .map(|c| Caller::Session(c.session_id))
             .map_err(|e| ApiError::Unauthorized(e.to_string()))
     }
+}
+
+/// An admin key as configured: trimmed, and none if that leaves nothing.
+fn clean_key(key: String) -> Option<String> {
+    let k = key.trim();
+    (!k.is_empty()).then(|| k.to_string())
 }
 
 /// Who is calling.
@@ -585,5 +611,60 @@ mod tests {
         assert!(c.check_session("a").is_ok());
         assert!(matches!(c.check_session("b"), Err(ApiError::Forbidden(_))));
         assert_eq!(Auth::off().authenticate(None).unwrap(), Caller::Admin);
+    }
+
+    #[test]
+    fn the_admin_key_is_trimmed_when_loaded() {
+        // A key from a secrets file ends with a newline.
+        let config = ServerConfig {
+            api_key_env: "TROUPE_UNIT_TEST_TRIMMED_ADMIN_KEY".into(),
+            token_keys_env: "TROUPE_UNIT_TEST_TRIMMED_TOKEN_KEYS_UNSET".into(),
+            ..ServerConfig::default()
+        };
+        std::env::set_var(&config.api_key_env, "  the-key\n");
+        let auth = Auth::from_env(&config).unwrap();
+        assert!(auth.is_on() && auth.has_admin_key());
+        assert_eq!(
+            auth.authenticate(Some("Bearer the-key")).unwrap(),
+            Caller::Admin
+        );
+        assert!(auth.authenticate(Some("Bearer the-kez")).is_err());
+        let auth = Auth::new("the-key\r\n", None);
+        assert_eq!(
+            auth.authenticate(Some("Bearer the-key")).unwrap(),
+            Caller::Admin
+        );
+        // A blank key is no key: never matched by an empty credential.
+        let auth = Auth::new(" \n", Some(TokenKeys::parse("k:s").unwrap()));
+        assert!(auth.is_on() && !auth.has_admin_key());
+        assert!(auth.authenticate(Some("Bearer ")).is_err());
+        assert!(auth.authenticate(Some("Bearer  ")).is_err());
+        assert!(auth.authenticate(None).is_err());
+    }
+
+    #[test]
+    fn token_keys_alone_turn_auth_on_without_an_admin() {
+        let keys = TokenKeys::parse("k:s").unwrap();
+        let auth = Auth {
+            api_key: None,
+            token_keys: Some(keys.clone()),
+        };
+        assert!(auth.is_on());
+        assert!(matches!(
+            auth.authenticate(None),
+            Err(ApiError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            auth.authenticate(Some("Bearer whatever")),
+            Err(ApiError::Unauthorized(_))
+        ));
+        let t = issue_token(&keys, "a", Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            auth.authenticate(Some(&format!("Bearer {t}"))).unwrap(),
+            Caller::Session("a".into())
+        );
+        assert!(Access::Admin
+            .authorize(&auth, Some(&format!("Bearer {t}")), None)
+            .is_err());
     }
 }

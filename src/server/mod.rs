@@ -59,7 +59,7 @@ pub use auth::{Access, Auth, Caller, TokenKeys};
 pub use error::ApiError;
 pub use metrics::Metrics;
 
-use crate::config::{ConfigError, ServerConfig};
+use crate::config::{ConfigError, ModelConfig, ServerConfig};
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
 use error::{JsonErrorBody, StoreFailure};
@@ -91,6 +91,7 @@ impl std::fmt::Debug for Server {
         f.debug_struct("Server")
             .field("config", &self.config)
             .field("auth_on", &self.auth.as_ref().map(Auth::is_on))
+            .field("shutdown_timeout", &self.shutdown_timeout)
             .finish()
     }
 }
@@ -98,15 +99,17 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// A server for `runtime` with `config` (`[server]`). Credentials are
     /// read from the variables `config` names when it binds, unless
-    /// [`auth`](Self::auth) sets them.
+    /// [`auth`](Self::auth) sets them. A graceful stop waits
+    /// [`shutdown_timeout_for`] for the requests in flight.
     pub fn new(runtime: Runtime, config: ServerConfig) -> Server {
+        let shutdown_timeout = shutdown_timeout_for(&config, &runtime.config().model);
         Server {
             runtime,
             config,
             auth: None,
             pipelines_dir: None,
             listener: None,
-            shutdown_timeout: Duration::from_secs(30),
+            shutdown_timeout,
         }
     }
 
@@ -123,7 +126,8 @@ impl Server {
         self
     }
 
-    /// How long a graceful stop waits for in-flight requests (default 30 s).
+    /// How long a graceful stop waits for in-flight requests (default:
+    /// [`shutdown_timeout_for`] the config).
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
         self
@@ -169,8 +173,9 @@ impl Server {
         {
             return Err(invalid(format!(
                 "refusing to listen on a non-loopback address with auth off: set ${} (the admin API key) \
-                 or server.allow_public_without_auth = true",
-                self.config.api_key_env
+                 or ${} (session-token keys), or server.allow_public_without_auth = true",
+                self.config.api_key_env,
+                self.config.token_keys_env
             )));
         }
         let listener = TcpListener::bind(&addrs[..])
@@ -187,6 +192,14 @@ impl Server {
             self = self.bind(&addr)?;
         }
         let auth = self.resolve_auth()?;
+        if auth.is_on() && !auth.has_admin_key() {
+            tracing::warn!(
+                target: "troupe::server",
+                api_key_env = %self.config.api_key_env,
+                "session-token keys are set but no admin API key: auth is on, session tokens work, \
+                 and every admin route is refused"
+            );
+        }
         let listener = self
             .listener
             .take()
@@ -255,6 +268,23 @@ impl Server {
             stopped: false,
         })
     }
+}
+
+/// How long a graceful stop waits for the requests in flight:
+/// `server.shutdown_timeout_secs`, or when that is 0 the longest a turn's
+/// model call can take, `(model.max_retries + 1) × model.timeout_secs`,
+/// plus 10 s (backoff, the commit). A shorter wait would drop the replies of
+/// turns that still commit.
+pub fn shutdown_timeout_for(server: &ServerConfig, model: &ModelConfig) -> Duration {
+    if server.shutdown_timeout_secs > 0 {
+        return Duration::from_secs(server.shutdown_timeout_secs);
+    }
+    let attempts = u64::from(model.max_retries).saturating_add(1);
+    Duration::from_secs(
+        attempts
+            .saturating_mul(model.timeout_secs)
+            .saturating_add(10),
+    )
 }
 
 /// A running daemon: its address, and a graceful stop.

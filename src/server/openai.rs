@@ -2,8 +2,10 @@
 //!
 //! `model` names a troupe agent. The session is the `X-Session-Id` header,
 //! else the `user` field, else the caller's session token, else a new one;
-//! the response's `X-Session-Id` says which. The server keeps the history,
-//! so the turn is the **last user message** of `messages` and everything
+//! the response's `X-Session-Id` says which. `user` is also the user of a
+//! session this creates, but only for the admin: with a session token it
+//! never selects a user. The server keeps the history, so the turn is the
+//! **last message**, which must have role `user` (else 400), and everything
 //! before it is ignored: a client may send only the new message, or its
 //! whole transcript as usual.
 
@@ -46,14 +48,28 @@ fn content_text(content: &Value) -> Option<String> {
     }
 }
 
+/// The turn: the text of the last message, which must be a user message. A
+/// transcript ending with an assistant or tool message (a tool-calling
+/// client) has no new user message; answering an earlier one would append
+/// it again as a new turn, so it is a 400.
 fn last_user_message(messages: &[Value]) -> Result<String, ApiError> {
-    let m = messages
-        .iter()
-        .rev()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-        .ok_or_else(|| {
-            ApiError::BadRequest("messages has no message with role \"user\" to answer".into())
-        })?;
+    let m = messages.last().ok_or_else(|| {
+        ApiError::BadRequest("messages is empty: send the new user message".into())
+    })?;
+    match m.get("role").and_then(Value::as_str) {
+        Some("user") => {}
+        Some(role) => {
+            return Err(ApiError::BadRequest(format!(
+                "the last message has role \"{role}\"; it must be the new \"user\" message \
+                 (tool results and assistant turns are not supported: the server keeps the history)"
+            )))
+        }
+        None => {
+            return Err(ApiError::BadRequest(
+                "the last message has no role; it must be the new \"user\" message".into(),
+            ))
+        }
+    }
     m.get("content")
         .and_then(content_text)
         .filter(|t| !t.trim().is_empty())
@@ -106,7 +122,14 @@ pub(crate) async fn completions(
     state.rt.agent(&agent)?;
     let message = last_user_message(&body.messages)?;
     let id = session_id(&req, body.user.as_deref(), &caller)?;
-    let session = open_or_create(&state, &id, &agent, body.user.as_deref()).await?;
+    // `user` names the user of a session this creates only for the admin: a
+    // session token never selects a user (its session keeps the user the
+    // admin gave it, or none), whatever `user` says.
+    let user = match caller {
+        Caller::Admin => body.user.as_deref(),
+        Caller::Session(_) => None,
+    };
+    let session = open_or_create(&state, &id, &agent, user).await?;
     let created = unix_now();
     if !body.stream {
         let prompt_tokens = estimate_tokens(&message);
@@ -199,6 +222,10 @@ mod tests {
         ];
         assert_eq!(last_user_message(&msgs).unwrap(), "second");
         assert!(last_user_message(&msgs[..1]).is_err());
+        assert!(last_user_message(&[]).is_err());
+        // Ends with an assistant message: no new user message to answer.
+        let e = last_user_message(&msgs[..3]).unwrap_err();
+        assert!(e.to_string().contains("\"assistant\""), "{e}");
         assert!(last_user_message(&[json!({"role": "user", "content": "  "})]).is_err());
     }
 }

@@ -7,7 +7,9 @@
 //!
 //! Unlike PraisonAI's own server, every `session_id` has its own persistent
 //! history (created on first use, with this agent); a request without one
-//! gets a fresh session, whose id comes back in the reply.
+//! gets a fresh session, whose id comes back in the reply. `user_id` sets
+//! the user of a session it creates only for the admin; with a session
+//! token it must be the session's current user (else 403).
 
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
@@ -15,7 +17,7 @@ use serde_json::json;
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::sessions::{open_or_create, turn};
+use super::sessions::{open_or_create, turn, user_for};
 use super::Data;
 
 /// `GET /agents/{name}/health`.
@@ -53,7 +55,14 @@ pub(crate) async fn query(
         .or_else(|| caller.session().map(str::to_string))
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     caller.check_session(&id)?;
-    let session = open_or_create(&state, &id, &name, body.user_id.as_deref()).await?;
+    // PraisonAI clients send `user_id` with every request: for a session
+    // token it selects nothing (only the admin sets a session's user), and
+    // it is ignored rather than refused, so such clients keep working.
+    let user = match caller {
+        Caller::Admin => user_for(&state, &caller, &id, body.user_id.as_deref()).await?,
+        _ => None,
+    };
+    let session = open_or_create(&state, &id, &name, user.as_deref()).await?;
     let r = turn(&state, &session, Some(&name), body.query).await?;
     Ok(HttpResponse::Ok().json(json!({
         "response": r.reply,

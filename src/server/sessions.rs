@@ -44,6 +44,39 @@ pub(crate) async fn open_or_create(
     }
 }
 
+/// The user to give session `id` when `caller` asks for `user`: only the
+/// admin sets or changes a session's user. A session token may name a user
+/// only if it already is the session's user (then nothing changes: `None`
+/// is returned, so no later open can attach another one); otherwise 403.
+/// Without this, a token could attach its session to any user and read
+/// that user's profile, preferences and memories.
+pub(crate) async fn user_for(
+    state: &Data,
+    caller: &Caller,
+    id: &str,
+    user: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    let Some(user) = user else {
+        return Ok(None);
+    };
+    if *caller == Caller::Admin {
+        return Ok(Some(user.to_string()));
+    }
+    validate_session_id(id)?;
+    let current = match state.rt.session(id).existing().open().await {
+        Ok(s) => s.metadata().await?.user_id,
+        Err(Error::SessionNotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if current.as_deref() == Some(user) {
+        return Ok(None);
+    }
+    Err(ApiError::Forbidden(format!(
+        "session '{id}': only the admin API key sets or changes a session's user; \
+         this session token cannot give it user '{user}'"
+    )))
+}
+
 /// One turn, counted in the metrics.
 pub(crate) async fn turn(
     state: &Data,
@@ -174,6 +207,7 @@ pub(crate) async fn create(
     };
     validate_session_id(&id)?;
     caller.check_session(&id)?;
+    let user = user_for(&state, &caller, &id, body.user_id.as_deref()).await?;
     let mut agents = body.agents;
     if let Some(a) = body.agent {
         if !agents.contains(&a) {
@@ -188,7 +222,7 @@ pub(crate) async fn create(
         if existing {
             b = b.existing();
         }
-        if let Some(u) = &body.user_id {
+        if let Some(u) = &user {
             b = b.user(u.clone());
         }
         for a in &agents {

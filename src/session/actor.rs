@@ -170,7 +170,7 @@ impl SessionActor {
     /// actor leaves (see [`invalidate`](Self::invalidate)). Returns the error.
     fn failed<E: Into<Error>>(&mut self, ctx: &mut Context<Self>, e: E) -> Error {
         let e = e.into();
-        if e.is_conflict() {
+        if e.must_reload() {
             self.invalidate(ctx);
         }
         e

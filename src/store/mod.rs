@@ -109,12 +109,26 @@ pub enum StoreError {
         /// The session's epoch in the store now.
         current: u64,
     },
-    /// The store's server cannot be reached (nothing was written).
+    /// The store's server cannot be reached: the operation was not carried
+    /// out (nothing was written). A write whose answer was lost after it was
+    /// sent is [`StoreError::OutcomeUnknown`] instead.
     #[error("store at '{url}' is unavailable: {reason}")]
     Unavailable {
         /// The server's address.
         url: String,
         /// Why.
+        reason: String,
+    },
+    /// A write was sent to the store's server but no answer came back (the
+    /// response timed out, or the connection dropped while waiting): it may
+    /// or may not have been applied. Do not retry it blindly — reload the
+    /// state it changed and decide from what is there. A session actor
+    /// treats it as a conflict (its in-memory state may be stale).
+    #[error("store at '{url}': a write got no answer and may or may not have been applied ({reason}); reload before retrying")]
+    OutcomeUnknown {
+        /// The server's address.
+        url: String,
+        /// Why no answer came.
         reason: String,
     },
     /// The backend does not implement this operation (yet): e.g. long-term

@@ -20,7 +20,8 @@
 //! | `P s:{id}:cp` | hash | checkpoint id → [`CheckpointRecord`] JSON |
 //! | `P s:{id}:in` | hash | references from *other* sessions into this session's segments: `h:<sid>` (a head), `c:<cp>` (a checkpoint's head), `g:<seg>` (a segment's branch point) → message id; what garbage collection and delete must keep |
 //! | `P s:{id}:lease` | string, `PX` | `<node>#<instance>\|<epoch>`: who holds the session |
-//! | `P s:{id}:epoch` | string | the fencing epoch, `INCR`ed at every new owner |
+//! | `P s:{id}:epoch` | string | the session's current fencing epoch (the last one given to an owner) |
+//! | `P epochs` | string | the one epoch counter of all sessions (`INCR`ed at every new owner; never deleted, never expires) |
 //! | `P g:<seg>` | string | `<owner id>\n<parent message id>`: finds a segment from a message id |
 //! | `P c:<cp>` | string | `<session id>\n<head>`: finds a checkpoint from its id |
 //! | `P sessions` | zset | session id scored by updated_at µs (listing, age filter) |
@@ -30,7 +31,8 @@
 //! | `P run:<id>:tasks` | hash | task id → [`TaskResult`] JSON |
 //! | `P u:{user}` | string | the [`UserRecord`] JSON (its `memories` count is `HLEN` of `:m`) |
 //! | `P u:{user}:m` | hash | memory id → `<insertion no.>\n<`[`MemoryItem`]` JSON>` |
-//! | `P u:{user}:v` | string | the user's write count: memory writes are read, decided in Rust, and applied by a script only if it is unchanged |
+//! | `P u:{user}:v` | string | the user's write stamp: memory writes are read, decided in Rust, and applied by a script only if it is unchanged |
+//! | `P userv` | string | the one counter write stamps come from (a stamp never comes back, not even after `forget_user`) |
 //! | `P mi:<id>` | string | a memory's user (`memory_mark_used` gets ids only) |
 //! | channel `P shch:<ns>` | pub/sub | shared-state changes, published by the write's script |
 //!
@@ -54,16 +56,21 @@
 //! # Atomicity
 //!
 //! Every write that touches more than one key is one Lua script (`EVALSHA`),
-//! which Redis runs atomically: a commit checks the lease and the
-//! `state_version` and validates every message *before* its first write, so a
-//! refused commit changes nothing (the one exception: a commit that finds the
-//! lease free takes it even if it then fails its version check; taking a free
-//! lease is harmless). Shared-state compare-and-set is a script too. Reads of
-//! the message tree (`history`, `load_session`) are scripts so they see one
-//! state. The scripts reach keys they compute (the segment owner lookups), so
-//! the backend targets one Redis server (with replicas/Sentinel), not Redis
-//! Cluster: the hash tags keep a session's own keys in one slot, but `g:`,
-//! `c:`, `sessions` and other sessions' `:in` are elsewhere.
+//! which Redis runs atomically: a commit checks the lease (without taking
+//! it), the `state_version` and every message (each lands at the end of a
+//! segment the session owns) *before* its first write — taking or refreshing
+//! the lease included — so a refused commit changes nothing. A message that
+//! does not fit is a [`StoreError::Conflict`] (the writer's picture of the
+//! session is stale), like a version mismatch. Shared-state compare-and-set
+//! is a script too. Reads of the message tree (`history`, `load_session`) are
+//! scripts so they see one state. The scripts reach keys they compute (the
+//! segment owner lookups), so the backend targets one Redis server, not
+//! Redis Cluster: the hash tags keep a session's own keys in one slot, but
+//! `g:`, `c:`, `epochs`, `sessions` and other sessions' `:in` are elsewhere.
+//!
+//! Replication is not part of the guarantee: an answer means the primary
+//! applied the write; no `WAIT`/`WAITAOF` is issued, so a failover to a
+//! replica (Sentinel) can lose writes that were acknowledged.
 //!
 //! # Expiry (`sessions.ttl_secs`)
 //!
@@ -84,9 +91,13 @@
 //! Each store instance has an owner token `<node id>#<random instance>` (the
 //! node id is `server.node_id`, else `<hostname>-<pid>`).
 //!
-//! - **Activation** ([`Store::load_session`]) takes the lease: if it is free,
-//!   `INCR` the epoch and `SET lease <token>|<epoch> PX lease_ms`; if it is
-//!   this instance's, refresh it. The store remembers the epoch it holds.
+//! - **Activation** ([`Store::load_session`]) takes the lease with a new
+//!   epoch, `INCR P epochs` (one counter for all sessions, so an epoch never
+//!   repeats, not even for a session deleted and created again), stored in
+//!   `:epoch`, and `SET lease <token>|<epoch> PX lease_ms` — if the lease is
+//!   free, and also if it is already this instance's (a release of the
+//!   previous actor's epoch still on its way then deletes nothing). The
+//!   store remembers the epoch it holds.
 //!   If another node holds it, the loader asks that node to hand the session
 //!   over (`PUBLISH P handoff:<token> <id>`; that node's runtime passivates its
 //!   actor, which releases the lease) and polls until the lease is free or
@@ -94,11 +105,16 @@
 //!   answers nothing; its lease expires after at most `lease_ms`.
 //! - **Every write** (commit, trim) runs the lease check in the same script as
 //!   the `state_version` check: the lease must carry this instance's token and
-//!   the epoch it holds; if the lease has expired but the epoch is still the
-//!   one held (nobody took over), it is taken again; otherwise the write is
-//!   refused with [`StoreError::Fenced`] (another owner came after us) or
-//!   [`StoreError::OwnedElsewhere`]. A write for a session this instance never
-//!   activated (creation) takes the lease like an activation.
+//!   the epoch it holds; if the lease has expired but the session's epoch is
+//!   still the one held (nobody took over, and the session was not deleted:
+//!   epochs never repeat), it is taken again; otherwise the write is refused
+//!   with [`StoreError::Fenced`] (another owner came after us, or the session
+//!   is gone) or [`StoreError::OwnedElsewhere`]. A write for a session this
+//!   instance never activated (creation) takes the lease like an activation.
+//!   An epoch this instance lost (fenced, renewal found the lease taken, or
+//!   it deleted the session) stays its write credential for that session
+//!   until it activates it again, so a stale actor keeps being refused
+//!   instead of presenting no epoch and taking a free lease.
 //! - **Renewal**: a background task refreshes every held lease each
 //!   `lease_ms / 3`, and every commit refreshes its own. A lease found taken
 //!   is forgotten.
@@ -119,11 +135,12 @@
 //!
 //! Connection and response timeouts are short (1 s / 5 s by default) and the
 //! manager retries a connection once: with Redis down an operation fails in
-//! about a second with [`StoreError::Unavailable`] naming the URL, and nothing
-//! is reported written. A write whose answer was lost (the server died after
-//! running it) is reported as failed although it may have applied; the
-//! session actor keeps its old state, its next write meets a `Conflict` and it
-//! reloads — no acknowledged turn is lost and none is duplicated. The manager
+//! about a second with [`StoreError::Unavailable`] naming the URL: nothing
+//! was written. A write that was (or may have been) sent but got no answer —
+//! response timeout, connection dropped — is [`StoreError::OutcomeUnknown`]:
+//! it may have been applied. A commit resolves it when it can by reading the
+//! session back (for up to twice the response timeout): its own record there
+//! → `Ok`; another version than the one it expected → `Conflict`. The manager
 //! reconnects by itself when Redis is back.
 
 use std::collections::HashMap;
@@ -237,11 +254,18 @@ struct Inner {
     ttl_ms: u64,
     /// Sessions whose lease this instance holds, with the epoch.
     held: DashMap<String, u64>,
+    /// Epochs this instance held and lost (fenced, lease lost to another
+    /// node, session deleted here): a later write of a stale actor presents
+    /// that epoch and is refused, rather than presenting none and taking a
+    /// free lease on the strength of its `state_version` alone. Forgotten
+    /// when this instance activates the session again.
+    lost: DashMap<String, u64>,
     handoff_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     /// Releases sent but not yet answered (flush waits for them).
     releasing: AtomicUsize,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     connect_timeout: Duration,
+    response_timeout: Duration,
     /// The runtime the store was opened on: its background tasks run there.
     runtime: tokio::runtime::Handle,
     /// The shared-state change listener, started by the first
@@ -296,10 +320,12 @@ impl RedisStore {
             lease_wait: options.lease_wait,
             ttl_ms: options.ttl.map_or(0, |t| t.as_millis().max(1) as u64),
             held: DashMap::new(),
+            lost: DashMap::new(),
             handoff_rx: Mutex::new(Some(rx)),
             releasing: AtomicUsize::new(0),
             tasks: Mutex::new(Vec::new()),
             connect_timeout: options.connect_timeout,
+            response_timeout: options.response_timeout,
             runtime: tokio::runtime::Handle::current(),
             shared_watch: Mutex::new(None),
         });
@@ -387,6 +413,95 @@ impl Inner {
         }
     }
 
+    /// A Redis error of a write: a connection refused is `Unavailable`
+    /// (nothing was sent); a timeout or a dropped connection is
+    /// `OutcomeUnknown` (the write may have been sent, and applied).
+    fn write_err(&self, e: ::redis::RedisError) -> StoreError {
+        if !e.is_connection_refusal()
+            && (e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_timeout()
+                || e.is_unrecoverable_error())
+        {
+            StoreError::OutcomeUnknown {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            }
+        } else {
+            self.err(e)
+        }
+    }
+
+    /// Runs a script that writes (see [`write_err`](Self::write_err)).
+    async fn run_write(
+        &self,
+        inv: &::redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn();
+        inv.invoke_async(&mut c)
+            .await
+            .map_err(|e| self.write_err(e))
+    }
+
+    /// A commit got no answer: reads the session back to learn whether it
+    /// was applied. Its record there (`j`, which carries its `updated_at`
+    /// in µs) → applied, `Ok`. Another version than the one it expected →
+    /// it can no longer apply: `Conflict`. Still the expected version, or
+    /// no answer again within twice the response timeout → `OutcomeUnknown`
+    /// (it may still be applied later, if it is still on its way).
+    async fn resolve_commit(
+        &self,
+        commit: &Commit,
+        url: String,
+        reason: String,
+    ) -> Result<(), StoreError> {
+        let sid = &commit.record.id;
+        let mine = json(&commit.record)?;
+        let new_version = commit.record.state_version.to_string();
+        let expected = commit.expected_version.map(|v| v.to_string());
+        let deadline = Instant::now() + self.response_timeout * 2;
+        let mut pending = 0;
+        while Instant::now() < deadline && pending < 5 {
+            let mut c = self.conn();
+            let sk = self.session_key(sid);
+            let read: Result<(Option<String>, Option<String>, Option<String>), _> = ::redis::pipe()
+                .atomic()
+                .hget(&sk, "v")
+                .hget(&sk, "j")
+                .get(format!("{sk}:lease"))
+                .query_async(&mut c)
+                .await;
+            match read {
+                Ok((v, j, lease)) => {
+                    if v.as_deref() == Some(new_version.as_str()) && j.as_deref() == Some(&mine) {
+                        // Applied. The epoch it took (a creation takes one).
+                        if let Some(l) = lease {
+                            if token_of(&l) == self.token {
+                                if let Some((_, e)) = l.rsplit_once('|') {
+                                    self.note_epoch(sid, e);
+                                }
+                            }
+                        }
+                        tracing::info!(session = %sid, "a commit without answer was applied");
+                        return Ok(());
+                    }
+                    if v != expected {
+                        return Err(StoreError::Conflict {
+                            session: sid.clone(),
+                            expected: commit.expected_version,
+                            found: v.and_then(|v| v.parse().ok()),
+                        });
+                    }
+                    pending += 1;
+                }
+                Err(e) if e.is_connection_refusal() => break,
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(StoreError::OutcomeUnknown { url, reason })
+    }
+
     fn session_key(&self, sid: &str) -> String {
         format!("{}s:{{{sid}}}", self.prefix)
     }
@@ -401,7 +516,20 @@ impl Inner {
     }
 
     fn held_arg(&self, sid: &str) -> u64 {
-        self.held.get(sid).map_or(0, |e| *e)
+        self.held
+            .get(sid)
+            .map(|e| *e)
+            .or_else(|| self.lost.get(sid).map(|e| *e))
+            .unwrap_or(0)
+    }
+
+    /// Stops renewing the lease of `sid` but remembers its epoch as lost.
+    fn lose(&self, sid: &str) -> u64 {
+        let e = self.held.remove(sid).map_or(0, |(_, e)| e);
+        if e > 0 {
+            self.lost.insert(sid.to_string(), e);
+        }
+        e
     }
 
     /// Records the epoch a script reported (`"0"`: none).
@@ -409,6 +537,7 @@ impl Inner {
         match epoch.parse::<u64>() {
             Ok(e) if e > 0 => {
                 self.held.insert(sid.to_string(), e);
+                self.lost.remove(sid);
             }
             _ => {}
         }
@@ -419,7 +548,7 @@ impl Inner {
         let holder = r.get(2).map(String::as_str).unwrap_or("");
         match r.first().map(String::as_str) {
             Some("fenced") => {
-                let held = self.held.remove(sid).map_or(0, |(_, e)| e);
+                let held = self.lose(sid);
                 StoreError::Fenced {
                     session: sid.to_string(),
                     epoch: held,
@@ -427,7 +556,7 @@ impl Inner {
                 }
             }
             _ => {
-                self.held.remove(sid);
+                self.lose(sid);
                 StoreError::OwnedElsewhere {
                     session: sid.to_string(),
                     node: node_of(holder).to_string(),
@@ -497,7 +626,9 @@ async fn renew_leases(weak: Weak<Inner>) {
                     for ((sid, epoch), ok) in chunk.iter().zip(kept) {
                         if ok != "1" {
                             tracing::warn!(session = %sid, epoch, "lease lost to another node");
-                            inner.held.remove_if(sid, |_, e| e == epoch);
+                            if inner.held.remove_if(sid, |_, e| e == epoch).is_some() {
+                                inner.lost.insert(sid.clone(), *epoch);
+                            }
                         }
                     }
                 }
@@ -810,41 +941,54 @@ local function del_ref(m, sid, field)
   local o = owner((seg_of(m)))
   if o and o ~= sid then redis.call('HDEL', skey(o, ':in'), field) end
 end
--- the lease check of every write and activation: returns the epoch held,
--- or nil and a refusal {'fenced'|'owned', '0', holder, epoch}
-local function lease(sid, token, held, lease_ms)
-  local lk = skey(sid, ':lease')
-  local cur = redis.call('GET', lk)
+-- the lease check of every write and activation, without writing anything:
+-- returns how the lease is to be taken ('refresh' | 'retake' | 'new') and the
+-- epoch, or nil and a refusal {'fenced'|'owned', '0', holder, epoch}.
+-- held = 0 (an activation, or a write of an instance that holds no epoch)
+-- always gets a new epoch, even when the lease is already this instance's:
+-- a release of the previous epoch still in flight then finds nothing to delete.
+local function lease_check(sid, token, held)
+  local cur = redis.call('GET', skey(sid, ':lease'))
   local ep = tonumber(redis.call('GET', skey(sid, ':epoch')) or '0')
+  local mine = cur and string.sub(cur, 1, #token + 1) == token .. '|'
   if held > 0 then
-    if cur == token .. '|' .. held then
-      redis.call('PEXPIRE', lk, lease_ms)
-      return held
-    end
-    if (not cur) and ep == held then
-      redis.call('SET', lk, token .. '|' .. held, 'PX', lease_ms)
-      return held
-    end
-    if cur and string.sub(cur, 1, #token + 1) ~= token .. '|' then
-      return nil, {'fenced', '0', cur, tostring(ep)}
-    end
+    if cur == token .. '|' .. held then return 'refresh', held end
+    -- lapsed and nobody took over: epochs never repeat (one counter for all
+    -- sessions), so an unchanged epoch means the same session, not a
+    -- deleted-and-recreated one
+    if (not cur) and ep == held then return 'retake', held end
+    if cur and not mine then return nil, {'fenced', '0', cur, tostring(ep)} end
     if cur then
       -- this instance's own newer lease (re-activated meanwhile)
-      redis.call('PEXPIRE', lk, lease_ms)
-      return tonumber(string.sub(cur, #token + 2))
+      return 'refresh', tonumber(string.sub(cur, #token + 2))
     end
     return nil, {'fenced', '0', '', tostring(ep)}
   end
-  if not cur then
-    local e = redis.call('INCR', skey(sid, ':epoch'))
-    redis.call('SET', lk, token .. '|' .. e, 'PX', lease_ms)
+  if (not cur) or mine then return 'new', 0 end
+  return nil, {'owned', '0', cur, tostring(ep)}
+end
+-- takes the lease as lease_check decided; returns the epoch
+local function lease_take(sid, token, kind, e, lease_ms)
+  local lk = skey(sid, ':lease')
+  if kind == 'refresh' then
+    redis.call('PEXPIRE', lk, lease_ms)
     return e
   end
-  if string.sub(cur, 1, #token + 1) == token .. '|' then
-    redis.call('PEXPIRE', lk, lease_ms)
-    return tonumber(string.sub(cur, #token + 2))
+  if kind == 'new' then
+    e = redis.call('INCR', P .. 'epochs')
+    local ek = skey(sid, ':epoch')
+    redis.call('SET', ek, e)
+    -- an activation of an expiring session: the epoch expires with it
+    local t = redis.call('PTTL', skey(sid, ''))
+    if t > 0 then redis.call('PEXPIRE', ek, t) end
   end
-  return nil, {'owned', '0', cur, tostring(ep)}
+  redis.call('SET', lk, token .. '|' .. e, 'PX', lease_ms)
+  return e
+end
+local function lease(sid, token, held, lease_ms)
+  local kind, e = lease_check(sid, token, held)
+  if not kind then return nil, e end
+  return lease_take(sid, token, kind, e, lease_ms)
 end
 -- the path ending at message (seg, seq), newest first, at most `limit` (-1: all)
 local function walk(seg, seq, limit)
@@ -914,19 +1058,20 @@ static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local sid = ARGV[2]
-local ep, refusal = lease(sid, ARGV[3], tonumber(ARGV[4]), ARGV[5])
-if not ep then return refusal end
-ep = tostring(ep)
+-- every check before the first write: lease (read only), version, messages;
+-- a refused commit changes nothing, not even the lease
+local kind, ep = lease_check(sid, ARGV[3], tonumber(ARGV[4]))
+if not kind then return ep end
 local rk = skey(sid, '')
 local stored = redis.call('HGET', rk, 'v')
 if ARGV[7] == '' then
-  if stored then return {'conflict', ep, stored} end
+  if stored then return {'conflict', '0', stored} end
 elseif stored ~= ARGV[7] then
-  return {'conflict', ep, stored or ''}
+  return {'conflict', '0', stored or ''}
 end
 local nseg = ARGV[12]
 if nseg ~= '' and redis.call('EXISTS', gkey(nseg)) == 1 then
-  return {'segment_exists', ep, nseg}
+  return {'segment_exists', '0', nseg}
 end
 local nmsg = tonumber(ARGV[15])
 local nexts = {}
@@ -936,13 +1081,14 @@ for k = 1, nmsg do
   local seg, seq = ARGV[i], tonumber(ARGV[i + 1])
   local n = nexts[seg]
   if n == nil then
-    if owner(seg) ~= sid then return {'foreign', ep, tostring(k)} end
+    if owner(seg) ~= sid then return {'foreign', '0', tostring(k), '', stored or ''} end
     n = redis.call('LLEN', skey(sid, ':m:' .. seg))
   end
-  if seq ~= n then return {'not_at_end', ep, tostring(k), tostring(n)} end
+  if seq ~= n then return {'not_at_end', '0', tostring(k), tostring(n), stored or ''} end
   nexts[seg] = n + 1
   i = i + 3
 end
+ep = tostring(lease_take(sid, ARGV[3], kind, ep, ARGV[5]))
 local ncp = tonumber(ARGV[i])
 local cps_at = i + 1
 local drops_at = cps_at + 3 * ncp
@@ -1186,8 +1332,17 @@ static MEMORY_APPLY: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local u = P .. 'u:{' .. ARGV[2] .. '}'
-if (redis.call('GET', u .. ':v') or '0') ~= ARGV[3] then return 'retry' end
-redis.call('INCR', u .. ':v')
+local cur = redis.call('GET', u .. ':v') or '0'
+if cur ~= ARGV[3] then return 'retry' end
+-- the next write count comes from one counter for all users, so a value
+-- never comes back (not even after forget_user): a write planned on data
+-- read before a forget can never match again
+local v = redis.call('INCR', P .. 'userv')
+if v <= tonumber(cur) then
+  v = tonumber(cur) + 1
+  redis.call('SET', P .. 'userv', v)
+end
+redis.call('SET', u .. ':v', v)
 if ARGV[4] ~= '' then redis.call('SET', u, ARGV[4]) end
 local i = 6
 for _ = 1, tonumber(ARGV[5]) do
@@ -1411,7 +1566,10 @@ impl Inner {
                 inv.arg(id);
             }
             let mut c = self.conn();
-            let r: String = inv.invoke_async(&mut c).await.map_err(|e| self.err(e))?;
+            let r: String = inv
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| self.write_err(e))?;
             match r.as_str() {
                 "ok" => return Ok(out),
                 "retry" => tokio::task::yield_now().await,
@@ -1541,7 +1699,13 @@ impl Store for RedisStore {
         for d in &commit.drop_checkpoints {
             inv.arg(d);
         }
-        let res = inner.run(&inv).await?;
+        let res = match inner.run_write(&inv).await {
+            Ok(res) => res,
+            Err(StoreError::OutcomeUnknown { url, reason }) => {
+                return inner.resolve_commit(&commit, url, reason).await
+            }
+            Err(e) => return Err(e),
+        };
         let status = res.first().map(String::as_str).unwrap_or("");
         if let Some(ep) = res.get(1) {
             if !matches!(status, "owned" | "fenced") {
@@ -1561,19 +1725,24 @@ impl Store for RedisStore {
                 commit.new_segment.as_ref().map_or(0, |s| s.id)
             ))),
             "foreign" | "not_at_end" => {
+                // The writer's picture of the session's messages is stale
+                // (the session was deleted, recreated or written elsewhere):
+                // a conflict, so the actor drops its state and reloads.
                 let k: usize = res.get(2).and_then(|v| v.parse().ok()).unwrap_or(1);
                 let m = commit
                     .messages
                     .get(k.saturating_sub(1))
                     .map_or_else(String::new, |m| m.id.to_string());
-                Err(StoreError::Database(if status == "foreign" {
-                    format!("message {m} appends to a segment session '{sid}' does not own")
+                if status == "foreign" {
+                    tracing::warn!(session = %sid, message = %m, "commit refused: appends to a segment the session does not own");
                 } else {
-                    format!(
-                        "message {m} is not at the end of its segment (next seq is {})",
-                        res.get(3).map(String::as_str).unwrap_or("?")
-                    )
-                }))
+                    tracing::warn!(session = %sid, message = %m, next = res.get(3).map(String::as_str).unwrap_or("?"), "commit refused: message not at the end of its segment");
+                }
+                Err(StoreError::Conflict {
+                    session: sid,
+                    expected: commit.expected_version,
+                    found: res.get(4).and_then(|v| v.parse().ok()),
+                })
             }
             _ => Err(unexpected("commit", &res)),
         }
@@ -1677,10 +1846,11 @@ impl Store for RedisStore {
         inv.arg(&inner.prefix)
             .arg(id)
             .arg(updated_before.map_or_else(String::new, |t| to_micros(t).to_string()));
-        let r = inner.run(&inv).await?;
+        let r = inner.run_write(&inv).await?;
         let deleted = r.first().map(String::as_str) == Some("1");
         if deleted {
-            inner.held.remove(id);
+            // A stale actor of this node must not write over a recreation.
+            inner.lose(id);
         }
         Ok(deleted)
     }
@@ -1789,7 +1959,7 @@ impl Store for RedisStore {
             inv.arg(*seg)
                 .arg(keep.map_or_else(String::new, |k| k.to_string()));
         }
-        let r = inner.run(&inv).await?;
+        let r = inner.run_write(&inv).await?;
         match r.first().map(String::as_str) {
             Some("ok") => {
                 inner.note_epoch(session_id, r.get(1).map(String::as_str).unwrap_or(""));
@@ -1838,7 +2008,7 @@ impl Store for RedisStore {
                 None => String::new(),
             })
             .arg(to_micros(at));
-        let r = inner.run(&inv).await?;
+        let r = inner.run_write(&inv).await?;
         let n = r.get(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         match r.first().map(String::as_str) {
             Some("ok") => Ok(SharedEntry {
@@ -2153,7 +2323,10 @@ impl Store for RedisStore {
         let mut inv = FORGET.prepare_invoke();
         inv.arg(&inner.prefix).arg(user_id);
         let mut c = inner.conn();
-        let n: u64 = inv.invoke_async(&mut c).await.map_err(|e| inner.err(e))?;
+        let n: u64 = inv
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| inner.write_err(e))?;
         Ok(n)
     }
 
