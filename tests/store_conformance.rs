@@ -934,7 +934,10 @@ async fn redis_store_meets_the_memory_contract() {
         .filter_map(|k| k.split_once(":mi:").map(|(_, id)| id.to_string()))
         .collect();
     index.sort();
-    assert_eq!(index, bob, "the memory index holds only the other users': {keys:?}");
+    assert_eq!(
+        index, bob,
+        "the memory index holds only the other users': {keys:?}"
+    );
     store.delete_all_keys().await.unwrap();
 }
 
