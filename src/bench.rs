@@ -714,6 +714,39 @@ impl Rng {
     }
 }
 
+/// One synthetic memory: five words of `words`, an importance and a score
+/// that cycle with `i`.
+fn bench_memory(
+    rng: &mut Rng,
+    words: &[String],
+    user: &str,
+    id: &str,
+    i: usize,
+) -> crate::memory::MemoryItem {
+    let text: Vec<&str> = (0..5)
+        .map(|_| words[rng.next(words.len())].as_str())
+        .collect();
+    crate::memory::MemoryItem {
+        id: id.into(),
+        user_id: user.into(),
+        content: format!(
+            "User mentioned {} and {}",
+            text[..3].join(" "),
+            text[3..].join(" ")
+        ),
+        kind: crate::memory::MemoryKind::Note,
+        subject: None,
+        relevance: 0.5,
+        importance: (i % 100) as f64 / 100.0,
+        score: 0.5 + (i % 100) as f64 / 200.0,
+        created_at: crate::store::now(),
+        last_used: None,
+        uses: 0,
+        superseded_by: None,
+        session_id: None,
+    }
+}
+
 async fn memory_bench(config: &Config, dir: &Path, samples: usize) -> Result<MemoryBench> {
     const N: usize = 100_000;
     const USER: &str = "bench-user";
@@ -731,28 +764,7 @@ async fn memory_bench(config: &Config, dir: &Path, samples: usize) -> Result<Mem
     let t = Instant::now();
     let mut pending = Vec::new();
     for i in 0..N {
-        let text: Vec<&str> = (0..5)
-            .map(|_| words[rng.next(words.len())].as_str())
-            .collect();
-        let item = crate::memory::MemoryItem {
-            id: format!("bench-{i}"),
-            user_id: USER.into(),
-            content: format!(
-                "User mentioned {} and {}",
-                text[..3].join(" "),
-                text[3..].join(" ")
-            ),
-            kind: crate::memory::MemoryKind::Note,
-            subject: None,
-            relevance: 0.5,
-            importance: (i % 100) as f64 / 100.0,
-            score: 0.5 + (i % 100) as f64 / 200.0,
-            created_at: crate::store::now(),
-            last_used: None,
-            uses: 0,
-            superseded_by: None,
-            session_id: None,
-        };
+        let item = bench_memory(&mut rng, &words, USER, &format!("bench-{i}"), i);
         let store = store.clone();
         pending.push(tokio::spawn(
             async move { store.memory_put(&item, 2 * N).await },
@@ -772,28 +784,7 @@ async fn memory_bench(config: &Config, dir: &Path, samples: usize) -> Result<Mem
     // A second user at the default cap (`memory.max_memories` = 1,000): the
     // common case of a turn with memory.
     for i in 0..SMALL {
-        let text: Vec<&str> = (0..5)
-            .map(|_| words[rng.next(words.len())].as_str())
-            .collect();
-        let item = crate::memory::MemoryItem {
-            id: format!("bench-small-{i}"),
-            user_id: USER_SMALL.into(),
-            content: format!(
-                "User mentioned {} and {}",
-                text[..3].join(" "),
-                text[3..].join(" ")
-            ),
-            kind: crate::memory::MemoryKind::Note,
-            subject: None,
-            relevance: 0.5,
-            importance: (i % 100) as f64 / 100.0,
-            score: 0.5 + (i % 100) as f64 / 200.0,
-            created_at: crate::store::now(),
-            last_used: None,
-            uses: 0,
-            superseded_by: None,
-            session_id: None,
-        };
+        let item = bench_memory(&mut rng, &words, USER_SMALL, &format!("bench-small-{i}"), i);
         store.memory_put(&item, 2 * N).await?;
     }
     let query = |rng: &mut Rng| {

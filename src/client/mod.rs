@@ -471,15 +471,8 @@ impl RemoteSession {
         key: impl Into<String>,
         value: impl Into<Value>,
     ) -> Result<JsonMap> {
-        let mut body = serde_json::Map::new();
-        body.insert(key.into(), value.into());
-        self.call(
-            Method::PATCH,
-            &self.path("/preferences"),
-            Some(&Value::Object(body)),
-            true,
-        )
-        .await
+        self.patch_one("/preferences", key.into(), value.into())
+            .await
     }
 
     /// The user's profile as this session sees it.
@@ -494,11 +487,16 @@ impl RemoteSession {
         key: impl Into<String>,
         value: impl Into<Value>,
     ) -> Result<JsonMap> {
+        self.patch_one("/profile", key.into(), value.into()).await
+    }
+
+    /// `PATCH` of one key of a map (preferences, profile); idempotent.
+    async fn patch_one(&self, map: &str, key: String, value: Value) -> Result<JsonMap> {
         let mut body = serde_json::Map::new();
-        body.insert(key.into(), value.into());
+        body.insert(key, value);
         self.call(
             Method::PATCH,
-            &self.path("/profile"),
+            &self.path(map),
             Some(&Value::Object(body)),
             true,
         )

@@ -228,6 +228,16 @@ const MIGRATIONS: &[&str] = &[
         INSERT INTO memories_fts(rowid, content, owner) VALUES (new.key, new.content, new.owner);
     END;
     "#,
+    // v6: the case-folded text of memories without a subject, indexed, so a
+    // repeated note is found as a duplicate by one index lookup (not a scan
+    // of the user's memories). Rust folds new rows (full Unicode); rows
+    // already stored get SQLite's lower() (ASCII).
+    r#"
+    ALTER TABLE memories ADD COLUMN folded TEXT;
+    UPDATE memories SET folded = lower(content) WHERE subject IS NULL;
+    CREATE INDEX memories_folded ON memories(user_id, folded)
+        WHERE subject IS NULL AND active = 1;
+    "#,
 ];
 
 /// The FTS5 token of a memory's owner (column `owner` of `memories` and
@@ -2042,32 +2052,32 @@ fn apply_memory_put(
         }
     } else {
         // Without a subject nothing is superseded, but the same text again
-        // (ignoring case) is still a duplicate. Candidates are the user's
-        // active memories of the kind with the same length in characters
-        // (an index range of at most `max` rows), compared in Rust, since
-        // SQLite's lower() folds only ASCII.
-        let lower = item.content.to_lowercase();
-        let mut stmt = tx.prepare_cached(
-            "SELECT id, content FROM memories WHERE user_id = ?1 AND active = 1 \
-             AND subject IS NULL AND kind = ?2 AND length(content) = ?3",
-        )?;
-        let mut rows = stmt.query(params![
-            item.user_id,
-            item.kind.as_str(),
-            item.content.chars().count() as i64
-        ])?;
-        while let Some(row) = rows.next()? {
-            let content: String = row.get(1)?;
-            if content.to_lowercase() == lower {
-                out.duplicate_of = Some(row.get(0)?);
-                return Ok(out);
-            }
+        // (ignoring case) is still a duplicate: one lookup in the index of
+        // folded texts (schema v6; folded in Rust, since SQLite's lower()
+        // folds only ASCII).
+        let existing: Option<String> = tx
+            .prepare_cached(
+                "SELECT id FROM memories WHERE user_id = ?1 AND folded = ?2 \
+                 AND subject IS NULL AND active = 1 AND kind = ?3 LIMIT 1",
+            )?
+            .query_row(
+                params![
+                    item.user_id,
+                    item.content.to_lowercase(),
+                    item.kind.as_str()
+                ],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(id) = existing {
+            out.duplicate_of = Some(id);
+            return Ok(out);
         }
     }
     tx.prepare_cached(
         "INSERT INTO memories (id, user_id, content, kind, subject, relevance, \
          importance, score, created_at, last_used, uses, active, superseded_by, session_id, \
-         owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, NULL, ?12, ?13)",
+         owner, folded) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, NULL, ?12, ?13, ?14)",
     )?
     .execute(params![
         item.id,
@@ -2083,6 +2093,7 @@ fn apply_memory_put(
         item.uses as i64,
         item.session_id,
         owner_token(&item.user_id),
+        item.subject.is_none().then(|| item.content.to_lowercase()),
     ])?;
     // The per-user count, so the limit is checked without counting rows.
     let count: i64 = tx
@@ -2202,7 +2213,7 @@ mod tests {
                 .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
                 .unwrap();
             assert_eq!(v, MIGRATIONS.len() as i64);
-            assert_eq!(v, 5);
+            assert_eq!(v, 6);
             for user in users {
                 let owners: Vec<String> = conn
                     .prepare("SELECT DISTINCT owner FROM memories WHERE user_id = ?1")
